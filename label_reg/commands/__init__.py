@@ -1,0 +1,1 @@
+"""One module per ``label-reg`` subcommand; see :mod:`label_reg.cli`."""
