@@ -1,0 +1,285 @@
+"""Keras layers for registration: trilinear warping, 3-D resizing, Gaussian smoothing and affine augmentation.
+
+Conventions shared by every layer here:
+
+* Tensors are channels-last, ``(B, D0, D1, D2, C)``; the three spatial axes are the volume's array axes in ITK
+  index order (x, y, z), see :mod:`label_reg`.
+* A dense displacement field (DDF) has 3 channels; channel ``c`` is the displacement along spatial axis ``c``,
+  measured in voxels of the grid it lives on.
+* Warping samples the moving volume at displaced positions: ``out(x) = image(x + ddf(x))`` (a "pull" warp), with
+  trilinear interpolation. ``boundary`` says what lies beyond the edge: ``"replicate"`` repeats the edge voxel
+  (``scipy.ndimage.map_coordinates(order=1, mode="nearest")``), ``"zero"`` is zero beyond the edge and interpolates
+  towards it (``mode="grid-constant", cval=0``).
+"""
+import math
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+BOUNDARIES = ("replicate", "zero")
+
+
+def _check_boundary(boundary):
+    if boundary not in BOUNDARIES:
+        raise ValueError(f"boundary must be one of {BOUNDARIES}, got {boundary!r}")
+    return boundary
+
+
+def identity_grid(spatial_shape, dtype=tf.float32):
+    """Voxel coordinates of a grid: tensor (D0, D1, D2, 3) with value (i, j, k) at index (i, j, k)."""
+    axes = [tf.range(n, dtype=dtype) for n in tf.unstack(tf.convert_to_tensor(spatial_shape))]
+    return tf.stack(tf.meshgrid(*axes, indexing="ij"), axis=-1)
+
+
+def sample_trilinear(image, coords, boundary="replicate"):
+    """Trilinear sampling of ``image`` (B, D0, D1, D2, C) at voxel ``coords`` (B, P0, P1, P2, 3).
+
+    Returns (B, P0, P1, P2, C). Differentiable with respect to ``image`` and ``coords``. A coordinate that is an
+    exact integer inside the volume returns that voxel exactly (the other corners get weight 0).
+    """
+    _check_boundary(boundary)
+    image = tf.convert_to_tensor(image)
+    coords = tf.cast(coords, image.dtype)
+    in_shape = tf.shape(image)
+    batch, channels = in_shape[0], in_shape[4]
+    sizes = in_shape[1:4]
+    out_spatial = tf.shape(coords)[1:4]
+    coords = tf.reshape(coords, [batch, -1, 3])
+    upper = tf.cast(sizes - 1, image.dtype)
+
+    if boundary == "replicate":
+        coords = tf.clip_by_value(coords, tf.zeros_like(upper), upper)
+    lower_f = tf.floor(coords)
+    frac = coords - lower_f
+    lower = tf.cast(lower_f, tf.int32)
+    upper_i = lower + 1
+    if boundary == "replicate":
+        upper_i = tf.minimum(upper_i, sizes - 1)  # its weight is 0 there anyway
+        corner_index = (lower, upper_i)
+        corner_valid = None
+    else:
+        corner_valid = tuple(tf.cast((i >= 0) & (i <= sizes - 1), image.dtype) for i in (lower, upper_i))
+        corner_index = tuple(tf.clip_by_value(i, 0, sizes - 1) for i in (lower, upper_i))
+    corner_weight = (1.0 - frac, frac)
+    if corner_valid is not None:
+        corner_weight = tuple(w * v for w, v in zip(corner_weight, corner_valid))
+
+    flat = tf.reshape(image, [-1, channels])
+    voxels = sizes[0] * sizes[1] * sizes[2]
+    batch_offset = tf.range(batch)[:, None] * voxels
+    out = None
+    for c0 in (0, 1):
+        for c1 in (0, 1):
+            for c2 in (0, 1):
+                i0 = corner_index[c0][..., 0]
+                i1 = corner_index[c1][..., 1]
+                i2 = corner_index[c2][..., 2]
+                weight = corner_weight[c0][..., 0] * corner_weight[c1][..., 1] * corner_weight[c2][..., 2]
+                linear = batch_offset + (i0 * sizes[1] + i1) * sizes[2] + i2
+                term = tf.gather(flat, linear) * weight[..., None]
+                out = term if out is None else out + term
+    return tf.reshape(out, tf.concat([[batch], out_spatial, [channels]], axis=0))
+
+
+def warp(image, ddf, boundary="replicate"):
+    """``out(x) = image(x + ddf(x))``; image (B, D0, D1, D2, C), ddf (B, P0, P1, P2, 3) in voxels."""
+    ddf = tf.convert_to_tensor(ddf)
+    grid = identity_grid(tf.shape(ddf)[1:4], ddf.dtype)
+    return sample_trilinear(image, grid[None] + ddf, boundary)
+
+
+@keras.saving.register_keras_serializable(package="label_reg")
+class Warp(keras.layers.Layer):
+    """Warp a moving volume with a dense displacement field: ``Warp()([image, ddf])``.
+
+    image: (B, D0, D1, D2, C); ddf: (B, D0, D1, D2, 3), displacement in voxels along the image's array axes.
+    Output (B, D0, D1, D2, C) with ``output(x) = image(x + ddf(x))``, trilinear. ``boundary="replicate"`` repeats
+    edge voxels (equals ``scipy.ndimage.map_coordinates(order=1, mode="nearest")``); ``"zero"`` treats the outside
+    as zeros (``mode="grid-constant", cval=0``). An all-zero DDF returns the image exactly, edges included.
+    """
+
+    def __init__(self, boundary="replicate", **kwargs):
+        super().__init__(**kwargs)
+        self.boundary = _check_boundary(boundary)
+
+    def call(self, inputs):
+        image, ddf = inputs
+        return warp(image, ddf, self.boundary)
+
+    def compute_output_shape(self, input_shape):
+        image_shape, ddf_shape = input_shape
+        return tuple(ddf_shape[:4]) + (image_shape[-1],)
+
+    def get_config(self):
+        return {**super().get_config(), "boundary": self.boundary}
+
+
+def resize3d(volume, size):
+    """Trilinear resize of (B, D0, D1, D2, C) to spatial ``size`` (half-voxel aligned, as ``tf.image.resize``).
+
+    Values are interpolated, not rescaled: a DDF keeps its units. Done as two bilinear passes (axes 1-2, then 0-1).
+    """
+    volume = tf.convert_to_tensor(volume)
+    shape = tf.shape(volume)
+    b, d0, d1, d2, c = shape[0], shape[1], shape[2], shape[3], shape[4]
+    size = [int(s) for s in size]
+    x = tf.reshape(volume, [b * d0, d1, d2, c])
+    x = tf.image.resize(x, size[1:3], method="bilinear")
+    x = tf.reshape(x, [b, d0, size[1] * size[2], c])
+    x = tf.image.resize(x, [size[0], size[1] * size[2]], method="bilinear")
+    # The second pass interpolated along axis 0 only: the flattened axis kept its length, so no mixing across it.
+    return tf.cast(tf.reshape(x, [b, size[0], size[1], size[2], c]), volume.dtype)
+
+
+@keras.saving.register_keras_serializable(package="label_reg")
+class Resize3D(keras.layers.Layer):
+    """Trilinear resize of a channels-last 5-D tensor to a fixed spatial ``size`` (D0, D1, D2); units unchanged."""
+
+    def __init__(self, size, **kwargs):
+        super().__init__(**kwargs)
+        self.size = tuple(int(s) for s in size)
+
+    def call(self, inputs):
+        return resize3d(inputs, self.size)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0],) + self.size + (input_shape[-1],)
+
+    def get_config(self):
+        return {**super().get_config(), "size": list(self.size)}
+
+
+def gaussian_kernel1d(sigma):
+    """Normalised 1-D Gaussian taps, truncated at 3 sigma (radius ceil(3 sigma)); sigma 0 gives the tap [1]."""
+    sigma = float(sigma)
+    if sigma < 0:
+        raise ValueError(f"sigma must be >= 0, got {sigma}")
+    if sigma == 0:
+        return np.ones(1, np.float32)
+    radius = int(math.ceil(3.0 * sigma))
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    taps = np.exp(-0.5 * (x / sigma) ** 2)
+    return (taps / taps.sum()).astype(np.float32)
+
+
+def gaussian_smooth(volume, sigma):
+    """Separable Gaussian smoothing of (B, D0, D1, D2, C), each channel alone, zeros beyond the edge.
+
+    sigma in voxels; kernel truncated at 3 sigma and normalised to sum 1; sigma 0 returns the input unchanged.
+    """
+    volume = tf.convert_to_tensor(volume)
+    taps = gaussian_kernel1d(sigma)
+    if taps.size == 1:
+        return volume
+    shape = tf.shape(volume)
+    # Fold channels into the batch so that a single-channel kernel serves every channel.
+    x = tf.transpose(volume, [0, 4, 1, 2, 3])
+    x = tf.reshape(x, tf.concat([[-1], shape[1:4], [1]], axis=0))
+    kernel = tf.constant(taps, dtype=volume.dtype)
+    for axis in range(3):
+        kshape = [1, 1, 1, 1, 1]
+        kshape[axis] = taps.size
+        x = tf.nn.conv3d(x, tf.reshape(kernel, kshape), strides=[1] * 5, padding="SAME")
+    x = tf.reshape(x, tf.stack([shape[0], shape[4], shape[1], shape[2], shape[3]]))
+    return tf.transpose(x, [0, 2, 3, 4, 1])
+
+
+@keras.saving.register_keras_serializable(package="label_reg")
+class GaussianSmooth(keras.layers.Layer):
+    """Separable Gaussian smoothing (sigma in voxels, truncated at 3 sigma, sum 1, zero boundary)."""
+
+    def __init__(self, sigma, **kwargs):
+        super().__init__(**kwargs)
+        self.sigma = float(sigma)
+        gaussian_kernel1d(self.sigma)  # validates
+
+    def call(self, inputs):
+        return gaussian_smooth(inputs, self.sigma)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "sigma": self.sigma}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Affine augmentation (NiftyNet semantics)
+# ---------------------------------------------------------------------------------------------------------------
+
+# Corners of the normalised cube [-1, 1]^3 with a homogeneous 1: (8, 4). Its columns are orthogonal and
+# CORNERS^T CORNERS = 8 I, so the least-squares affine that sends these corners to any 8 points Y is CORNERS^T Y / 8.
+_CORNERS = np.array([[a, b, c, 1.0] for a in (-1, 1) for b in (-1, 1) for c in (-1, 1)], np.float32)
+
+
+def random_affine(batch_size, scale, seed):
+    """Draw ``batch_size`` random affines, NiftyNet-style, from a stateless ``seed`` (int tensor of shape [2]).
+
+    Each coordinate of each corner of the normalised cube is multiplied by U(1 - scale, 1), moving the corner inward;
+    the affine that best maps the cube's corners onto the moved corners (least squares) is returned as (B, 4, 3):
+    ``source = [x, 1] @ A`` in normalised coordinates. Zoom-ins and mild shears only, no flips; scale 0 is identity.
+    """
+    factors = tf.random.stateless_uniform([batch_size, 8, 3], seed=seed, minval=1.0 - scale, maxval=1.0)
+    return affine_from_corners(tf.constant(_CORNERS[:, :3])[None] * factors)
+
+
+def affine_from_corners(moved):
+    """Least-squares affine (B, 4, 3) sending the corners of [-1, 1]^3 (in :data:`_CORNERS` order) to ``moved``."""
+    return tf.einsum("nk,bnj->bkj", tf.constant(_CORNERS), tf.convert_to_tensor(moved, tf.float32)) / 8.0
+
+
+def affine_coords(transforms, spatial_shape):
+    """Voxel source coordinates (B, D0, D1, D2, 3) for affines in normalised coordinates about the volume centre."""
+    transforms = tf.convert_to_tensor(transforms, tf.float32)
+    grid = identity_grid(spatial_shape)
+    half = (tf.cast(tf.convert_to_tensor(spatial_shape), tf.float32) - 1.0) / 2.0
+    half_safe = tf.maximum(half, 1e-6)
+    normalised = (grid - half) / half_safe
+    homogeneous = tf.concat([normalised, tf.ones_like(normalised[..., :1])], axis=-1)
+    source = tf.einsum("xyzk,bkj->bxyzj", homogeneous, transforms)
+    return source * half_safe + half
+
+
+def apply_affine(volume, transforms, boundary="replicate"):
+    """Resample (B, D0, D1, D2, C) with per-sample affines (B, 4, 3) from :func:`random_affine`, trilinear."""
+    volume = tf.convert_to_tensor(volume)
+    coords = affine_coords(transforms, tf.shape(volume)[1:4])
+    return sample_trilinear(volume, tf.cast(coords, volume.dtype), boundary)
+
+
+@keras.saving.register_keras_serializable(package="label_reg")
+class AffineAugmentation(keras.layers.Layer):
+    """Random affine augmentation, one draw per sample on every training call (NiftyNet semantics).
+
+    ``scale``: corners of the normalised cube [-1, 1]^3 move inward by a factor drawn from U(1 - scale, 1) per
+    coordinate; the affine is the least-squares fit of corners to moved corners, about the volume centre. No flips.
+    Call with a tensor, or with a list of tensors of the same spatial shape (e.g. an image, its label maps and its
+    SDM) to apply the *same* draw to all of them. Identity when not training. Trilinear, replicate boundary.
+    For reproducible pipelines use :func:`random_affine` and :func:`apply_affine` with a stateless seed.
+    """
+
+    def __init__(self, scale=0.1, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        if not 0.0 <= float(scale) < 1.0:
+            raise ValueError(f"scale must be in [0, 1), got {scale}")
+        self.scale = float(scale)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, inputs, training=None):
+        tensors = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+        if not training or self.scale == 0.0:
+            out = tensors
+        else:
+            batch = tf.shape(tensors[0])[0]
+            seed = keras.random.randint([2], 0, 2**31 - 1, seed=self.seed_generator, dtype="int32")
+            transforms = random_affine(batch, self.scale, seed)
+            out = [apply_affine(t, transforms) for t in tensors]
+        return out if isinstance(inputs, (list, tuple)) else out[0]
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "scale": self.scale, "seed": self.seed}

@@ -1,0 +1,140 @@
+"""Registration losses. Each returns a per-sample tensor of shape (B,); lower is better.
+
+* :func:`multiscale_dice` - 1 minus the mean soft Dice over Gaussian scales (label similarity, the paper's L_mDSC).
+* :func:`sdm_msle` - mean squared logarithmic error between signed distance maps (the paper's L_SDM).
+* :func:`bending_energy` - second-order smoothness of a DDF (the paper's T).
+
+:func:`registration_loss` combines them as L = alpha * mDSC + beta * SDM + (1 - alpha - beta) * bending.
+Every loss is registered by name in :data:`LOSSES` so a flag can pick it (:func:`get_loss`).
+"""
+import keras
+import tensorflow as tf
+
+from label_reg.layers import gaussian_smooth
+
+DEFAULT_SIGMAS = (0.0, 1.0, 2.0, 4.0, 8.0)
+_EPS = 1e-6
+
+
+def _with_channel(x):
+    x = tf.convert_to_tensor(x)
+    return x[..., None] if x.shape.rank == 4 else x
+
+
+def soft_dice(fixed, warped):
+    """Per-sample soft Dice 2*sum(p*g) / (sum(p) + sum(g)) (not squared), over all voxels and channels."""
+    fixed, warped = _with_channel(fixed), _with_channel(warped)
+    axes = [1, 2, 3, 4]
+    overlap = tf.reduce_sum(fixed * warped, axis=axes)
+    total = tf.reduce_sum(fixed, axis=axes) + tf.reduce_sum(warped, axis=axes)
+    return 2.0 * overlap / (total + _EPS)
+
+
+def multiscale_dice(fixed, warped, sigmas=DEFAULT_SIGMAS):
+    """1 - mean over sigma of the soft Dice of the Gaussian-smoothed masks (sigma in voxels; 0 = no smoothing).
+
+    fixed, warped: (B, D0, D1, D2[, C]) masks in [0, 1]. Smoothing is separable, truncated at 3 sigma, sum 1
+    (:func:`label_reg.layers.gaussian_smooth`). Returns (B,). With ``sigmas=(0,)`` it is plain soft Dice loss,
+    zero for identical binary masks; with larger sigmas identical masks do not score zero (blurred maps are not
+    binary), but the gradient reaches masks that do not yet overlap.
+    """
+    fixed, warped = _with_channel(fixed), _with_channel(warped)
+    if not sigmas:
+        raise ValueError("multiscale_dice needs at least one sigma")
+    scores = [soft_dice(gaussian_smooth(fixed, s), gaussian_smooth(warped, s)) for s in sigmas]
+    return 1.0 - tf.add_n(scores) / float(len(scores))
+
+
+def sdm_msle(fixed_sdm, warped_sdm):
+    """Mean squared logarithmic error between SDMs, per sample (B,), Keras MSLE semantics.
+
+    Values are clipped at Keras' epsilon before ``log(1 + x)``, so the negative (inside) part of the maps does not
+    count: only the positive, outside distances drive the loss. Zero for identical maps.
+    """
+    fixed_sdm, warped_sdm = _with_channel(fixed_sdm), _with_channel(warped_sdm)
+    batch = tf.shape(fixed_sdm)[0]
+    return keras.losses.mean_squared_logarithmic_error(
+        tf.reshape(fixed_sdm, [batch, -1]), tf.reshape(warped_sdm, [batch, -1]))
+
+
+def _central_diff(x, axis):
+    """Central difference (x[i+1] - x[i-1]) / 2 along spatial ``axis`` (1..3); the result is 2 shorter there."""
+    n = tf.shape(x)[axis]
+    ahead = tf.gather(x, tf.range(2, n), axis=axis)
+    behind = tf.gather(x, tf.range(0, n - 2), axis=axis)
+    return (ahead - behind) / 2.0
+
+
+def _crop(x, axis):
+    """Drop the first and last slice along ``axis`` so shapes match :func:`_central_diff`."""
+    n = tf.shape(x)[axis]
+    return tf.gather(x, tf.range(1, n - 1), axis=axis)
+
+
+def bending_energy(ddf):
+    """Bending energy of a DDF (B, D0, D1, D2, 3), per sample (B,).
+
+    Mean over interior voxels and the three displacement components of
+    u_xx^2 + u_yy^2 + u_zz^2 + 2 (u_xy^2 + u_xz^2 + u_yz^2), with second derivatives from central differences in
+    voxel units. Exactly zero for any affine DDF (its second derivatives vanish); needs at least 5 voxels per axis.
+    """
+    ddf = tf.convert_to_tensor(ddf)
+    first = [_central_diff(ddf, a) for a in (1, 2, 3)]
+    terms = []
+    for i in range(3):
+        for j in range(i, 3):
+            second = _central_diff(first[i], j + 1)
+            # Bring every term onto the common interior (each axis shortened by 4 in total).
+            for axis in range(1, 4):
+                shortened = (2 if axis == i + 1 else 0) + (2 if axis == j + 1 else 0)
+                for _ in range((4 - shortened) // 2):
+                    second = _crop(second, axis)
+            terms.append(second ** 2 if i == j else 2.0 * second ** 2)
+    return tf.reduce_mean(tf.add_n(terms), axis=[1, 2, 3, 4])
+
+
+LOSSES = {
+    "multiscale_dice": multiscale_dice,
+    "sdm_msle": sdm_msle,
+    "bending_energy": bending_energy,
+}
+
+
+def get_loss(name):
+    """The loss function registered under ``name`` (see :data:`LOSSES`)."""
+    try:
+        return LOSSES[name]
+    except KeyError:
+        raise ValueError(f"unknown loss {name!r}; known: {sorted(LOSSES)}") from None
+
+
+def loss_weights(alpha, beta):
+    """(alpha, beta, gamma) with gamma = 1 - alpha - beta, validated to be non-negative."""
+    alpha, beta = float(alpha), float(beta)
+    gamma = 1.0 - alpha - beta
+    if min(alpha, beta) < 0 or gamma < -1e-9:
+        raise ValueError(f"need alpha >= 0, beta >= 0 and alpha + beta <= 1, got alpha={alpha}, beta={beta}")
+    return alpha, beta, max(gamma, 0.0)
+
+
+def registration_loss(alpha, beta, fixed_label, warped_label, fixed_sdm, warped_sdm, ddf,
+                      sigmas=DEFAULT_SIGMAS):
+    """The paper's L = alpha * mDSC + beta * SDM + gamma * bending, gamma = 1 - alpha - beta.
+
+    Returns a dict of per-sample (B,) tensors: ``total`` and each term that has a non-zero weight (unweighted).
+    Terms with zero weight are not computed.
+    """
+    alpha, beta, gamma = loss_weights(alpha, beta)
+    terms = {}
+    total = 0.0
+    if alpha > 0:
+        terms["multiscale_dice"] = multiscale_dice(fixed_label, warped_label, sigmas)
+        total += alpha * terms["multiscale_dice"]
+    if beta > 0:
+        terms["sdm_msle"] = sdm_msle(fixed_sdm, warped_sdm)
+        total += beta * terms["sdm_msle"]
+    if gamma > 0:
+        terms["bending_energy"] = bending_energy(ddf)
+        total += gamma * terms["bending_energy"]
+    terms["total"] = total + tf.zeros(tf.shape(ddf)[:1], ddf.dtype)
+    return terms

@@ -1,0 +1,144 @@
+"""Warp, resize, smoothing and affine augmentation against independent references (scipy) and exact properties."""
+import numpy as np
+import pytest
+import tensorflow as tf
+from scipy import ndimage
+
+from label_reg import layers
+
+SCIPY_MODE = {"replicate": "nearest", "zero": "grid-constant"}
+
+
+def _scipy_warp(image, ddf, boundary):
+    """Reference pull warp with scipy: out(x) = image(x + ddf(x)), per sample and channel."""
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in ddf.shape[1:4]], indexing="ij"), -1)
+    out = np.empty(ddf.shape[:4] + image.shape[-1:], np.float64)
+    for b in range(image.shape[0]):
+        coords = np.moveaxis(grid + ddf[b], -1, 0)
+        for c in range(image.shape[-1]):
+            out[b, ..., c] = ndimage.map_coordinates(image[b, ..., c].astype(np.float64), coords, order=1,
+                                                     mode=SCIPY_MODE[boundary], cval=0.0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def volume():
+    rng = np.random.default_rng(0)
+    return rng.random((2, 11, 9, 7, 2)).astype(np.float32)
+
+
+@pytest.mark.parametrize("boundary", ["replicate", "zero"])
+def test_zero_ddf_returns_image_bit_for_bit(volume, boundary):
+    out = layers.Warp(boundary)([volume, np.zeros(volume.shape[:4] + (3,), np.float32)]).numpy()
+    assert np.array_equal(out, volume)  # last slice included
+
+
+@pytest.mark.parametrize("boundary", ["replicate", "zero"])
+def test_smooth_random_ddf_matches_scipy(volume, boundary):
+    rng = np.random.default_rng(1)
+    ddf = ndimage.gaussian_filter(rng.normal(size=volume.shape[:4] + (3,)), (0, 2, 2, 2, 0))
+    ddf = (ddf / np.abs(ddf).max() * 4.0).astype(np.float32)  # up to 4 voxels: reaches past the edges
+    out = layers.Warp(boundary)([volume, ddf]).numpy()
+    np.testing.assert_allclose(out, _scipy_warp(volume, ddf, boundary), atol=1e-5)
+
+
+def test_integer_shift_moves_volume_exactly(volume):
+    ddf = np.zeros(volume.shape[:4] + (3,), np.float32)
+    ddf[..., 0], ddf[..., 2] = 2.0, -1.0
+    out = layers.Warp("zero")([volume, ddf]).numpy()
+    np.testing.assert_array_equal(out[:, :-2, :, 1:], volume[:, 2:, :, :-1])
+    assert np.all(out[:, -2:] == 0) and np.all(out[:, :, :, 0] == 0)
+
+
+def test_warp_gradient_wrt_ddf_is_finite_and_nonzero(volume):
+    ddf = tf.Variable(np.full(volume.shape[:4] + (3,), 0.3, np.float32))
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(layers.Warp()([tf.constant(volume), ddf]) ** 2)
+    grad = tape.gradient(loss, ddf).numpy()
+    assert np.all(np.isfinite(grad)) and np.abs(grad).max() > 1e-3
+
+
+def test_warp_config_roundtrip():
+    layer = layers.Warp("zero", name="w")
+    assert layers.Warp.from_config(layer.get_config()).boundary == "zero"
+    with pytest.raises(ValueError):
+        layers.Warp("wrap")
+
+
+def test_resize3d_keeps_a_linear_ramp_linear():
+    ramp = np.broadcast_to(np.arange(8, dtype=np.float32)[:, None, None], (8, 6, 4))[None, ..., None]
+    up = layers.Resize3D((16, 12, 8))(ramp).numpy()[0, ..., 0]
+    # Half-voxel aligned: fine voxel i sits at coarse position (i + 0.5) / 2 - 0.5 (clamped at the edges).
+    expected = np.clip((np.arange(16) + 0.5) / 2 - 0.5, 0, 7)
+    np.testing.assert_allclose(up[:, 3, 2], expected, atol=1e-5)
+    np.testing.assert_allclose(up, np.broadcast_to(up[:, :1, :1], up.shape), atol=1e-6)
+
+
+def test_gaussian_kernel_truncated_and_normalised():
+    taps = layers.gaussian_kernel1d(2.0)
+    assert taps.size == 2 * 6 + 1 and abs(taps.sum() - 1) < 1e-6 and taps.argmax() == 6
+    assert layers.gaussian_kernel1d(0).tolist() == [1.0]
+
+
+def test_gaussian_smoothing_matches_scipy_and_sigma_zero_is_identity(volume):
+    sigma = 1.5
+    out = layers.GaussianSmooth(sigma)(volume).numpy()
+    taps = layers.gaussian_kernel1d(sigma).astype(np.float64)
+    ref = volume.astype(np.float64)
+    for axis in (1, 2, 3):
+        ref = ndimage.convolve1d(ref, taps, axis=axis, mode="constant", cval=0.0)
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+    assert np.array_equal(layers.gaussian_smooth(volume, 0.0).numpy(), volume)
+
+
+def test_affine_from_corners_is_the_least_squares_fit():
+    rng = np.random.default_rng(5)
+    moved = rng.normal(size=(3, 8, 3)).astype(np.float32)
+    fitted = layers.affine_from_corners(moved).numpy()
+    for b in range(3):
+        reference = np.linalg.lstsq(layers._CORNERS.astype(np.float64), moved[b].astype(np.float64), rcond=None)[0]
+        np.testing.assert_allclose(fitted[b], reference, atol=1e-5)
+
+
+def test_random_affine_zooms_in_without_flips():
+    scale = 0.2
+    transforms = layers.random_affine(256, scale, seed=tf.constant([3, 4])).numpy()
+    diagonal = np.diagonal(transforms[:, :3], axis1=1, axis2=2)
+    # Each diagonal entry is the mean of the corner factors drawn from U(1 - scale, 1); the translation is half
+    # the mean difference between opposite faces, so at most scale / 2.
+    assert np.all((diagonal >= 1 - scale) & (diagonal <= 1))
+    assert np.all(np.abs(transforms[:, 3]) <= scale / 2 + 1e-6)
+    assert np.all(np.linalg.det(transforms[:, :3]) > 0)
+    assert np.std(transforms[:, 3]) > 0.01  # really random, per sample
+    identity = layers.random_affine(2, 0.0, seed=tf.constant([3, 4])).numpy()
+    np.testing.assert_allclose(identity[:, :3], np.broadcast_to(np.eye(3), (2, 3, 3)), atol=1e-7)
+    np.testing.assert_allclose(identity[:, 3], 0, atol=1e-7)
+
+
+def test_affine_coordinates_scale_about_the_centre():
+    transform = np.zeros((1, 4, 3), np.float32)
+    transform[0, :3] = np.diag([0.5, 1.0, 1.0])
+    coords = layers.affine_coords(transform, (9, 5, 5)).numpy()[0]
+    # A zoom by 2 about the centre voxel 4 along axis 0: voxel i samples 4 + (i - 4) / 2.
+    np.testing.assert_allclose(coords[:, 2, 2, 0], 4 + (np.arange(9) - 4) / 2, atol=1e-5)
+    np.testing.assert_allclose(coords[3, :, 1, 1], np.arange(5), atol=1e-5)
+
+
+def test_affine_augmentation_layer_draws_per_sample_and_call_and_shares_a_draw():
+    layer = layers.AffineAugmentation(scale=0.2, seed=7)
+    image = np.broadcast_to(np.arange(12, dtype=np.float32)[:, None, None], (12, 10, 8))
+    batch = np.stack([image, image])[..., None]
+    label = (batch > 5).astype(np.float32)
+    out_image, out_label = layer([batch, label], training=True)
+    out_image, out_label = out_image.numpy(), out_label.numpy()
+    assert not np.allclose(out_image[0], out_image[1])  # a fresh draw per sample
+    # One draw moves the image and its label together: the label is the warped ramp thresholded, up to the
+    # interpolated rim where the label is fractional.
+    crisp = (out_label == 0) | (out_label == 1)
+    assert crisp.mean() > 0.8
+    np.testing.assert_array_equal(out_label[crisp], (out_image[crisp] > 5).astype(np.float32))
+    again = layer(batch, training=True).numpy()
+    assert not np.allclose(again, out_image)  # a new draw every call
+    assert np.array_equal(layer(batch, training=False).numpy(), batch)
+    clone = layers.AffineAugmentation.from_config(layer.get_config())
+    assert clone.scale == 0.2
