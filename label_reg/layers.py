@@ -150,6 +150,39 @@ class Resize3D(keras.layers.Layer):
         return {**super().get_config(), "size": list(self.size)}
 
 
+def pad_end(volume, amounts):
+    """Zero-pad (B, D0, D1, D2, C) at the far end of each spatial axis by ``amounts`` voxels.
+
+    Built from concatenation rather than ``tf.pad``: TensorFlow 2.21's oneDNN graph rewrite mis-handles a Pad feeding
+    this network's convolutions in a ``tf.function`` (wrong shapes at run time).
+    """
+    volume = tf.convert_to_tensor(volume)
+    for axis, amount in enumerate(amounts, start=1):
+        if amount:
+            shape = tf.tensor_scatter_nd_update(tf.shape(volume), [[axis]], [int(amount)])
+            volume = tf.concat([volume, tf.zeros(shape, volume.dtype)], axis=axis)
+    return volume
+
+
+@keras.saving.register_keras_serializable(package="label_reg")
+class PadEnd(keras.layers.Layer):
+    """Zero padding at the far end of each spatial axis, ``amounts`` = (p0, p1, p2) voxels."""
+
+    def __init__(self, amounts, **kwargs):
+        super().__init__(**kwargs)
+        self.amounts = tuple(int(a) for a in amounts)
+
+    def call(self, inputs):
+        return pad_end(inputs, self.amounts)
+
+    def compute_output_shape(self, input_shape):
+        spatial = tuple(None if n is None else n + a for n, a in zip(input_shape[1:4], self.amounts))
+        return (input_shape[0],) + spatial + (input_shape[-1],)
+
+    def get_config(self):
+        return {**super().get_config(), "amounts": list(self.amounts)}
+
+
 def gaussian_kernel1d(sigma):
     """Normalised 1-D Gaussian taps, truncated at 3 sigma (radius ceil(3 sigma)); sigma 0 gives the tap [1]."""
     sigma = float(sigma)

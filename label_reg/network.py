@@ -20,7 +20,7 @@ DDF is cropped back, so any shape of at least 16 voxels per axis works.
 """
 import keras
 
-from label_reg.layers import Resize3D
+from label_reg.layers import PadEnd, Resize3D
 
 LEVELS = 5  # resolutions 1, 1/2, 1/4, 1/8, 1/16
 INPUT_NAMES = ("moving_image", "fixed_image", "moving_label")
@@ -70,7 +70,7 @@ def build_model(image_shape=(96, 96, 80), moving_label_input=True, base_filters=
     padded = _padded(image_shape)
     padding = tuple((0, p - n) for n, p in zip(image_shape, padded))
     if padded != image_shape:
-        x = keras.layers.ZeroPadding3D(padding, name="pad_to_16")(x)
+        x = PadEnd([after for _, after in padding], name="pad_to_16")(x)
 
     filters = [int(base_filters) * 2 ** level for level in range(LEVELS)]
     skips = []

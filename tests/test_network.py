@@ -39,9 +39,11 @@ def test_parameter_counts_follow_the_architecture():
 
 
 def test_shapes_that_are_not_multiples_of_16_work():
-    model = network.build_model((20, 24, 18), moving_label_input=False, base_filters=2)
-    ddf = model({k: np.zeros((1, 20, 24, 18, 1), np.float32) for k in model.input})
-    assert ddf.shape == (1, 20, 24, 18, 3)
+    model = network.build_model((48, 48, 40), moving_label_input=False, base_filters=2)
+    inputs = {k: np.zeros((1, 48, 48, 40, 1), np.float32) for k in model.input}
+    assert model(inputs).shape == (1, 48, 48, 40, 3)
+    # Also inside a traced graph (where TF's oneDNN rewrite once broke a padded model).
+    assert tf.function(lambda x: model(x, training=False))(inputs).shape == (1, 48, 48, 40, 3)
     with pytest.raises(ValueError, match="at least 16"):
         network.build_model((8, 32, 32))
 

@@ -1,0 +1,336 @@
+"""label_reg.io: geometry-preserving NIfTI I/O, label axis order, input errors, atomic writes, DDF files."""
+import gzip
+import json
+import os
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from label_reg import io
+from label_reg.errors import InputError
+
+
+def _rotation(ax, ay, az):
+    cx, sx, cy, sy, cz, sz = np.cos(ax), np.sin(ax), np.cos(ay), np.sin(ay), np.cos(az), np.sin(az)
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+OBLIQUE = io.Geometry(size=(7, 9, 5), spacing=(0.8, 1.1, 1.7), origin=(-12.5, 30.25, 7.0),
+                      direction=tuple(_rotation(0.3, -0.6, 0.9).ravel()))
+
+
+def _image(arr_xyz, geometry=OBLIQUE, dtype=np.float32):
+    img = sitk.GetImageFromArray(np.ascontiguousarray(np.asarray(arr_xyz, dtype=dtype).T))
+    return geometry.apply_to(img)
+
+
+def _write(path, img):
+    sitk.WriteImage(img, str(path))
+    return path
+
+
+def _blob_labels(geometry=OBLIQUE, k=3):
+    """(X, Y, Z, K) binary stack: a gland box and small distinct landmark blobs."""
+    arr = np.zeros(geometry.size + (k,), np.float32)
+    arr[1:6, 2:8, 1:4, 0] = 1
+    for c in range(1, k):
+        arr[c, c + 1, c % geometry.size[2], c] = 1
+    return arr
+
+
+def _assert_names(err, path):
+    msg = str(err.value)
+    assert str(path) in msg
+    assert "\n" not in msg
+
+
+# -- Geometry ----------------------------------------------------------------------------------------------
+def test_geometry_round_trip_oblique(tmp_path):
+    rng = np.random.default_rng(0)
+    arr = rng.normal(size=OBLIQUE.size).astype(np.float32)
+    path = tmp_path / "sub" / "img.nii.gz"
+    io.write_image(path, io.from_array(arr, OBLIQUE))
+    img = io.read_image(path)
+    geo = io.Geometry.from_image(img)
+    assert geo.size == OBLIQUE.size
+    np.testing.assert_allclose(geo.spacing, OBLIQUE.spacing, atol=1e-6)
+    np.testing.assert_allclose(geo.origin, OBLIQUE.origin, atol=1e-5)
+    np.testing.assert_allclose(geo.direction, OBLIQUE.direction, atol=1e-6)
+    assert geo.allclose(OBLIQUE) and OBLIQUE.allclose(geo)
+    np.testing.assert_array_equal(io.to_array(img), arr)
+    assert img.GetPixelID() == sitk.sitkFloat32
+
+
+def test_geometry_index_world_matches_simpleitk():
+    img = OBLIQUE.reference_image()
+    assert io.Geometry.from_image(img) == OBLIQUE
+    rng = np.random.default_rng(1)
+    idx = rng.uniform(-2, 10, size=(20, 3))
+    world = OBLIQUE.index_to_world(idx)
+    expected = np.array([img.TransformContinuousIndexToPhysicalPoint(tuple(map(float, i))) for i in idx])
+    np.testing.assert_allclose(world, expected, atol=1e-9)
+    back = np.array([img.TransformPhysicalPointToContinuousIndex(tuple(map(float, p))) for p in world])
+    np.testing.assert_allclose(OBLIQUE.world_to_index(world), back, atol=1e-9)
+    np.testing.assert_allclose(OBLIQUE.world_to_index(world), idx, atol=1e-9)
+    np.testing.assert_allclose(OBLIQUE.matrix, np.reshape(OBLIQUE.direction, (3, 3)) @ np.diag(OBLIQUE.spacing))
+    # a single point works too
+    np.testing.assert_allclose(OBLIQUE.index_to_world([0, 0, 0]), OBLIQUE.origin)
+
+
+def test_geometry_dict_round_trip_and_validation():
+    d = json.loads(json.dumps(OBLIQUE.to_dict()))
+    assert io.Geometry.from_dict(d) == OBLIQUE
+    assert not OBLIQUE.allclose(io.Geometry.from_dict({**d, "origin": [-12.5, 30.25, 8.0]}))
+    assert not OBLIQUE.allclose(io.Geometry.from_dict({**d, "size": [7, 9, 6]}))
+    bad = [
+        {**d, "size": ["7", 9, 5]},
+        {**d, "size": [7.0, 9, 5]},
+        {**d, "spacing": [1, True, 1]},
+        {**d, "origin": "__import__('os')"},
+        {**d, "direction": [1, 0, 0]},
+        {**d, "spacing": [1, -1, 1]},
+        {k: v for k, v in d.items() if k != "origin"},
+        {**d, "extra": 1},
+    ]
+    for b in bad:
+        with pytest.raises(InputError) as err:
+            io.Geometry.from_dict(b, source="model/config.json")
+        assert "model/config.json" in str(err.value)
+
+
+def test_array_axis_order():
+    arr = np.arange(np.prod(OBLIQUE.size), dtype=np.float32).reshape(OBLIQUE.size)
+    img = io.from_array(arr, OBLIQUE)
+    assert img.GetSize() == OBLIQUE.size
+    for x, y, z in [(0, 0, 0), (6, 1, 2), (3, 8, 4)]:
+        assert img.GetPixel(x, y, z) == arr[x, y, z]
+    np.testing.assert_array_equal(io.to_array(img), arr)
+    with pytest.raises(ValueError):
+        io.from_array(arr[:-1], OBLIQUE)
+
+
+# -- labels ------------------------------------------------------------------------------------------------
+def test_write_read_label_4d_and_3d(tmp_path):
+    labels = _blob_labels(k=3)
+    path = tmp_path / "lab.nii.gz"
+    io.write_label(path, io.labels_from_array(labels, OBLIQUE))
+    raw = sitk.ReadImage(str(path))
+    assert raw.GetDimension() == 4 and raw.GetSize() == OBLIQUE.size + (3,)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(raw).transpose(3, 2, 1, 0), labels)
+    channels = io.read_label(path, reference=OBLIQUE)
+    assert len(channels) == 3
+    np.testing.assert_array_equal(io.labels_to_array(channels), labels)
+    for ch in channels:
+        assert io.Geometry.from_image(ch).allclose(OBLIQUE)
+        assert ch.GetPixelID() == sitk.sitkFloat32
+
+    path1 = tmp_path / "gland.nii"
+    io.write_label(path1, io.labels_from_array(labels[..., :1], OBLIQUE))
+    assert sitk.ReadImage(str(path1)).GetDimension() == 3
+    one = io.read_label(path1)
+    assert len(one) == 1
+    np.testing.assert_array_equal(io.to_array(one[0]), labels[..., 0])
+
+
+def test_demo_label_axis_order_matches_sitk_extract(demo_data_dir):
+    for folder in ("moving_labels", "fixed_labels"):
+        path = demo_data_dir / folder / "obs000.nii.gz"
+        img4 = sitk.ReadImage(str(path))
+        assert img4.GetDimension() == 4
+        channels = io.read_label(path, reference=io.read_image(demo_data_dir / folder.replace("labels", "images")
+                                                               / "obs000.nii.gz"))
+        size = list(img4.GetSize())
+        assert len(channels) == size[3] >= 2
+        stack = io.labels_to_array(channels)
+        for k, ch in enumerate(channels):
+            ref = sitk.Extract(img4, size[:3] + [0], [0, 0, 0, k])
+            np.testing.assert_array_equal(sitk.GetArrayFromImage(ch), sitk.GetArrayFromImage(ref))
+            np.testing.assert_array_equal(stack[..., k], sitk.GetArrayFromImage(ref).T)
+            assert io.Geometry.from_image(ch).allclose(io.Geometry.from_image(ref), tol=1e-9)
+        # channels are distinct: the gland is much larger than every landmark blob
+        sums = stack.reshape(-1, stack.shape[-1]).sum(0)
+        assert sums[0] > 10 * sums[1:].max()
+
+
+# -- bad inputs --------------------------------------------------------------------------------------------
+def _bad_image_cases(tmp_path):
+    good = _image(np.ones(OBLIQUE.size))
+    cases = {}
+    cases["missing"] = (tmp_path / "nope.nii.gz", "not found")
+    p = tmp_path / "garbage.nii.gz"
+    p.write_bytes(b"this is not an image" * 50)
+    cases["corrupt"] = (p, "")
+    full = tmp_path / "full.nii.gz"
+    _write(full, _image(np.random.default_rng(0).normal(size=OBLIQUE.size)))
+    p = tmp_path / "truncated.nii.gz"
+    p.write_bytes(full.read_bytes()[:-40])
+    cases["truncated_gz"] = (p, "truncated")
+    fulln = tmp_path / "full.nii"
+    _write(fulln, good)
+    p = tmp_path / "truncated.nii"
+    p.write_bytes(fulln.read_bytes()[:400])
+    cases["truncated_nii"] = (p, "truncated")
+    p = tmp_path / "empty.nii.gz"
+    p.write_bytes(b"")
+    cases["empty_file"] = (p, "empty")
+    cases["2d"] = (_write(tmp_path / "flat.nii.gz", sitk.Image([8, 9], sitk.sitkFloat32)), "2-D")
+    cases["4d"] = (_write(tmp_path / "four.nii.gz", sitk.JoinSeries([good, good])), "4-D")
+    nan = np.ones(OBLIQUE.size)
+    nan[2, 3, 1] = np.nan
+    cases["nan"] = (_write(tmp_path / "nan.nii.gz", _image(nan)), "NaN")
+    inf = np.ones(OBLIQUE.size)
+    inf[0, 0, 0] = np.inf
+    cases["inf"] = (_write(tmp_path / "inf.nii.gz", _image(inf)), "Inf")
+    return cases
+
+
+@pytest.mark.parametrize("case", ["missing", "corrupt", "truncated_gz", "truncated_nii", "empty_file", "2d", "4d",
+                                  "nan", "inf"])
+def test_read_image_errors(tmp_path, case):
+    path, words = _bad_image_cases(tmp_path)[case]
+    with pytest.raises(InputError) as err:
+        io.read_image(path)
+    _assert_names(err, path)
+    assert words in str(err.value)
+
+
+def test_read_image_accepts_4d_with_one_volume(tmp_path):
+    arr = np.random.default_rng(2).normal(size=OBLIQUE.size)
+    path = _write(tmp_path / "one.nii.gz", sitk.JoinSeries([_image(arr)]))
+    img = io.read_image(path)
+    assert img.GetDimension() == 3
+    np.testing.assert_allclose(io.to_array(img), arr.astype(np.float32))
+
+
+def _bad_label_cases(tmp_path):
+    labels = _blob_labels(k=3)
+    cases = {}
+    cases["missing"] = (tmp_path / "nope.nii.gz", "not found", None)
+    p = tmp_path / "garbage.nii"
+    p.write_bytes(os.urandom(600))
+    cases["corrupt"] = (p, "", None)
+    cases["2d"] = (_write(tmp_path / "flat.nii.gz", sitk.Image([8, 9], sitk.sitkUInt8)), "2-D", None)
+    nonbin = labels.copy()
+    nonbin[1, 1, 1, 2] = 0.5
+    cases["nonbinary"] = (_write(tmp_path / "soft.nii.gz", sitk.JoinSeries(io.labels_from_array(nonbin, OBLIQUE))),
+                          "not binary", None)
+    big = labels.copy()
+    big[0, 0, 0, 0] = 255
+    cases["nonbinary255"] = (_write(tmp_path / "u8.nii.gz", _image(big[..., 0], dtype=np.uint8)), "not binary", None)
+    nan = labels.copy()
+    nan[0, 0, 0, 1] = np.nan
+    cases["nan"] = (_write(tmp_path / "nan.nii.gz", sitk.JoinSeries(io.labels_from_array(nan, OBLIQUE))), "NaN", None)
+    empty = labels.copy()
+    empty[..., 0] = 0
+    cases["empty_gland"] = (_write(tmp_path / "empty.nii.gz", sitk.JoinSeries(io.labels_from_array(empty, OBLIQUE))),
+                            "empty", None)
+    good = _write(tmp_path / "good.nii.gz", sitk.JoinSeries(io.labels_from_array(labels, OBLIQUE)))
+    ref_path = tmp_path / "image_shifted.nii.gz"
+    shifted = io.Geometry(OBLIQUE.size, OBLIQUE.spacing, (100.0, 30.25, 7.0), OBLIQUE.direction)
+    _write(ref_path, shifted.reference_image())
+    cases["outside_image"] = (good, "label geometry does not match image", ref_path)
+    ref_path2 = tmp_path / "image_bigger.nii.gz"
+    bigger = io.Geometry((8, 9, 5), OBLIQUE.spacing, OBLIQUE.origin, OBLIQUE.direction)
+    _write(ref_path2, bigger.reference_image())
+    cases["size_mismatch"] = (good, "label geometry does not match image", ref_path2)
+    ref_path3 = tmp_path / "image_axial.nii.gz"
+    axial = io.Geometry(OBLIQUE.size, OBLIQUE.spacing, OBLIQUE.origin, (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    _write(ref_path3, axial.reference_image())
+    cases["direction_mismatch"] = (good, "direction", ref_path3)
+    return cases
+
+
+@pytest.mark.parametrize("case", ["missing", "corrupt", "2d", "nonbinary", "nonbinary255", "nan", "empty_gland",
+                                  "outside_image", "size_mismatch", "direction_mismatch"])
+def test_read_label_errors(tmp_path, case):
+    path, words, ref_path = _bad_label_cases(tmp_path)[case]
+    reference = io.read_image(ref_path) if ref_path is not None else None
+    with pytest.raises(InputError) as err:
+        io.read_label(path, reference=reference)
+    _assert_names(err, path)
+    assert words in str(err.value)
+    if ref_path is not None:
+        assert str(ref_path) in str(err.value)
+        # the same file is fine against its own grid
+        assert len(io.read_label(path, reference=OBLIQUE)) == 3
+
+
+# -- atomic writes -----------------------------------------------------------------------------------------
+def test_atomic_path_suffix_and_cleanup(tmp_path):
+    target = tmp_path / "out" / "warped.nii.gz"
+    with io.atomic_path(target) as tmp:
+        assert tmp.parent == target.parent and tmp.name.endswith(".nii.gz") and tmp != target
+        tmp.write_bytes(b"x")
+        assert not target.exists()
+    assert target.read_bytes() == b"x"
+    assert os.listdir(target.parent) == ["warped.nii.gz"]
+
+    with pytest.raises(KeyError):
+        with io.atomic_path(target) as tmp:
+            tmp.write_bytes(b"partial")
+            raise KeyError("boom")
+    assert target.read_bytes() == b"x"
+    assert os.listdir(target.parent) == ["warped.nii.gz"]
+
+
+def test_failed_image_write_leaves_no_file(tmp_path, monkeypatch):
+    img = _image(np.ones(OBLIQUE.size))
+    target = tmp_path / "out.nii.gz"
+
+    def failing_write(image, path, *args, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"half a file")
+        raise RuntimeError("Exception thrown in SimpleITK ImageFileWriter_Execute:\nITK ERROR: disk full")
+
+    monkeypatch.setattr(sitk, "WriteImage", failing_write)
+    with pytest.raises(InputError) as err:
+        io.write_image(target, img)
+    assert str(target) in str(err.value)
+    assert os.listdir(tmp_path) == []
+    monkeypatch.undo()
+
+    with pytest.raises(InputError):
+        io.write_image(tmp_path / "out.unknownformat", img)
+    assert os.listdir(tmp_path) == []
+
+
+# -- displacement fields -----------------------------------------------------------------------------------
+def test_displacement_field_round_trip_and_sitk_transform(tmp_path):
+    rng = np.random.default_rng(3)
+    disp = rng.normal(scale=2.0, size=OBLIQUE.size + (3,))
+    path = tmp_path / "ddf.nii.gz"
+    io.write_displacement_field(path, disp, OBLIQUE)
+
+    back, geo = io.read_displacement_field(path)
+    assert geo.allclose(OBLIQUE)
+    np.testing.assert_array_equal(back, disp)
+
+    field = sitk.ReadImage(str(path), sitk.sitkVectorFloat64)
+    transform = sitk.DisplacementFieldTransform(field)
+    for idx in [(0, 0, 0), (3, 4, 2), (6, 8, 4), (2, 7, 1)]:
+        p = OBLIQUE.index_to_world(idx)
+        moved = np.array(transform.TransformPoint(tuple(map(float, p))))
+        np.testing.assert_allclose(moved, p + disp[idx], atol=1e-6)
+    # between voxel centres the transform interpolates the stored vectors linearly
+    p = OBLIQUE.index_to_world((3.5, 4.0, 2.0))
+    moved = np.array(transform.TransformPoint(tuple(map(float, p))))
+    np.testing.assert_allclose(moved, p + 0.5 * (disp[3, 4, 2] + disp[4, 4, 2]), atol=1e-6)
+
+
+def test_read_displacement_field_rejects_scalar_image(tmp_path):
+    path = _write(tmp_path / "scalar.nii.gz", _image(np.zeros(OBLIQUE.size)))
+    with pytest.raises(InputError) as err:
+        io.read_displacement_field(path)
+    _assert_names(err, path)
+
+
+def test_read_label_vector_image_channels(tmp_path):
+    labels = _blob_labels(k=2)
+    vec = sitk.Compose(io.labels_from_array(labels, OBLIQUE))
+    path = _write(tmp_path / "vec.nii.gz", vec)
+    channels = io.read_label(path, reference=OBLIQUE)
+    np.testing.assert_array_equal(io.labels_to_array(channels), labels)
