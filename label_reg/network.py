@@ -23,6 +23,9 @@ import keras
 from label_reg.layers import PadEnd, Resize3D
 
 LEVELS = 5  # resolutions 1, 1/2, 1/4, 1/8, 1/16
+# Moving-average decay of batch-norm statistics: NiftyNet's BN layer default (0.9). Keras' 0.99 leaves the
+# inference-mode statistics far behind the weights for the first thousand steps.
+BN_MOMENTUM = 0.9
 INPUT_NAMES = ("moving_image", "fixed_image", "moving_label")
 
 
@@ -34,15 +37,15 @@ def _padded(shape):
 def _conv_block(x, filters, kernel, name):
     x = keras.layers.Conv3D(filters, kernel, padding="same", name=f"{name}_conv")(x)
     x = keras.layers.LeakyReLU(negative_slope=0.1, name=f"{name}_act")(x)
-    return keras.layers.BatchNormalization(name=f"{name}_bn")(x)
+    return keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_bn")(x)
 
 
 def _residual_block(x, filters, name):
     y = keras.layers.Conv3D(filters, 3, padding="same", name=f"{name}_conv1")(x)
-    y = keras.layers.BatchNormalization(name=f"{name}_bn1")(y)
+    y = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_bn1")(y)
     y = keras.layers.LeakyReLU(negative_slope=0.1, name=f"{name}_act1")(y)
     y = keras.layers.Conv3D(filters, 3, padding="same", name=f"{name}_conv2")(y)
-    y = keras.layers.BatchNormalization(name=f"{name}_bn2")(y)
+    y = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_bn2")(y)
     y = keras.layers.Add(name=f"{name}_add")([x, y])
     return keras.layers.LeakyReLU(negative_slope=0.1, name=f"{name}_act2")(y)
 
@@ -85,7 +88,7 @@ def build_model(image_shape=(96, 96, 80), moving_label_input=True, base_filters=
         shape = tuple(n // 2 ** level for n in padded)
         x = keras.layers.Conv3DTranspose(filters[level], 4, strides=2, padding="same", name=f"up{level}_tconv")(x)
         x = keras.layers.LeakyReLU(negative_slope=0.1, name=f"up{level}_act")(x)
-        x = keras.layers.BatchNormalization(name=f"up{level}_bn")(x)
+        x = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"up{level}_bn")(x)
         x = keras.layers.Add(name=f"up{level}_skip")([x, skips[level]])
         x = _residual_block(x, filters[level], f"up{level}_res")
         ddf = keras.layers.Add(name=f"ddf_sum{level}")(

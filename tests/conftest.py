@@ -17,3 +17,39 @@ def demo_data_dir():
     if not (path / "moving_images").is_dir():
         pytest.skip(f"demo data not found at {path} (set LABEL_REG_DEMO_DATA)")
     return path
+
+
+# A small synthetic dataset and one short training run, shared by every test that needs a trained model.
+TINY_SHAPE = (32, 32, 32)
+TINY_SPACING_MM = 3.0
+
+
+@pytest.fixture(scope="session")
+def phantom_dir(tmp_path_factory):
+    """20 phantom pairs with known deformations (label_reg.synthetic), written once per test session."""
+    from label_reg.synthetic import write_phantoms
+
+    path = tmp_path_factory.mktemp("phantoms")
+    write_phantoms(path, num_pairs=20, seed=0)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_train_config(phantom_dir, tmp_path_factory):
+    """A MIX+ training configuration at 32^3 / 3 mm that learns something in ~200 steps on the phantoms."""
+    from label_reg.train import TrainConfig
+
+    root = tmp_path_factory.mktemp("tiny_model")
+    return TrainConfig(data_dir=str(phantom_dir), model_dir=str(root / "model"), alpha=0.05, beta=0.45,
+                       moving_label_input=True, learning_rate=1e-3, batch_size=4, num_steps=200,
+                       spacing_mm=TINY_SPACING_MM, shape=TINY_SHAPE, num_folds=5, fold=0, seed=0,
+                       validate_every=50, checkpoint_every=100, cache_dir=str(root / "cache"), progress=False)
+
+
+@pytest.fixture(scope="session")
+def trained_model(tiny_train_config):
+    """(model_dir, training summary) of one short MIX+ run on the phantoms; fold 0 holds out 4 pairs."""
+    from label_reg.train import train
+
+    summary = train(tiny_train_config)
+    return pathlib.Path(tiny_train_config.model_dir), summary
