@@ -251,7 +251,7 @@ class Trainer:
         previous = {signal.SIGINT: signal.getsignal(signal.SIGINT), signal.SIGTERM: signal.getsignal(signal.SIGTERM)}
         for sig in previous:
             signal.signal(sig, self._on_signal)
-        history = []
+        history, validations = [], []
         coarse = self.validate(identity=True) if self.val_cases else None
         bar = tf.keras.utils.Progbar(total, stateful_metrics=["loss", "dsc", "val_dsc", "val_tre"],
                                      interval=0.5 if sys.stderr.isatty() else 15.0,
@@ -271,6 +271,7 @@ class Trainer:
                     self._log_scalars(step, values, (step - start) / (time.perf_counter() - started))
                 if self.val_cases and (step % config.validate_every == 0 or step == total):
                     last_val = self.validate()
+                    validations.append({"step": step, **last_val})
                     shown += [("val_dsc", last_val["dsc"]), ("val_tre", last_val["tre_mm"])]
                     self._log_validation(step, last_val)
                     if last_val["dsc"] > float(self.best_dsc.numpy()):
@@ -294,7 +295,7 @@ class Trainer:
         done = int(self.step.numpy()) - start
         return {"steps": done, "seconds": elapsed,
                 "samples_per_second": done * self.global_batch / elapsed if done else float("nan"),
-                "loss_history": history, "coarse": coarse, "last_validation": last_val,
+                "loss_history": history, "validation_history": validations, "coarse": coarse, "last_validation": last_val,
                 "best_dsc": float(self.best_dsc.numpy()), "interrupted": self._stop}
 
     def _log_scalars(self, step, values, steps_per_second):

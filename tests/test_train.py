@@ -1,0 +1,175 @@
+"""Training: it learns, keeps the best-validation model, resumes bit-exactly, and runs multi-replica/multi-worker.
+
+The multi-device tests run training in subprocesses: splitting the CPU into logical devices and starting a
+MultiWorkerMirroredStrategy must happen before TensorFlow initialises, which the test process already did.
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from label_reg import data as data_lib
+from label_reg import model_dir as model_dir_lib
+
+TIMEOUT = 240  # seconds; a hang fails the test instead of stalling CI
+
+RUN_SNIPPET = """
+import json, sys
+from label_reg.train import TrainConfig, train
+config = TrainConfig(**json.loads(sys.argv[1]))
+summary = train(config)
+print("SUMMARY " + json.dumps({k: summary[k] for k in ("steps", "loss_history", "interrupted")}))
+"""
+
+
+def _config(phantom_dir, root, **overrides):
+    base = dict(data_dir=str(phantom_dir), model_dir=str(root / "model"), alpha=0.05, beta=0.45,
+                moving_label_input=True, learning_rate=1e-3, batch_size=2, num_steps=12, spacing_mm=3.0,
+                shape=[32, 32, 32], num_folds=5, fold=0, seed=3, validate_every=1000, checkpoint_every=4,
+                cache_dir=str(root.parent / "shared_cache"), progress=False)
+    base.update(overrides)
+    return base
+
+
+def _start(config, env_extra=None):
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.Popen([sys.executable, "-c", RUN_SNIPPET, json.dumps(config)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _finish(proc):
+    try:
+        out, err = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"training subprocess hung for {TIMEOUT} s:\n{err[-3000:]}")
+    assert proc.returncode == 0, err[-3000:]
+    line = [l for l in out.splitlines() if l.startswith("SUMMARY ")][-1]
+    return json.loads(line[len("SUMMARY "):])
+
+
+def _checkpoint_arrays(model_dir):
+    import tensorflow as tf
+    reader = tf.train.load_checkpoint(str(model_dir / "checkpoints"))
+    # Weights, batch-norm statistics and Adam moments (the object graph files trainable weights under optimizer/).
+    names = [n for n in reader.get_variable_to_shape_map() if n.split("/")[0] in ("model", "optimizer", "step")]
+    assert len(names) > 200
+    return {n: reader.get_tensor(n) for n in names}
+
+
+def test_training_lowers_the_loss_and_beats_the_prealignment(trained_model):
+    _, summary = trained_model
+    history = summary["loss_history"]
+    assert len(history) == 200
+    assert np.mean(history[-20:]) < 0.8 * np.mean(history[:20])
+    assert summary["best_dsc"] > summary["coarse"]["dsc"]
+
+
+def test_the_best_validation_model_is_the_one_kept(trained_model, tiny_train_config):
+    path, summary = trained_model
+    validations = summary["validation_history"]
+    assert [v["step"] for v in validations] == [50, 100, 150, 200]
+    best = max(validations, key=lambda v: v["dsc"])
+    info, _ = model_dir_lib.read_info(path)
+    assert info["best_step"] == best["step"] and info["validation"]["dsc"] == pytest.approx(best["dsc"])
+    # The weights on disk really are that model: re-scoring them reproduces its validation DSC.
+    from label_reg.train import Trainer, load_cases, load_split
+    _, val_pairs = load_split(tiny_train_config)
+    config = tiny_train_config.preprocess_config()
+    val_cases = load_cases(val_pairs, config, tiny_train_config.cache_dir, progress=False)
+    model, _, _ = model_dir_lib.load(path)
+    trainer = Trainer.__new__(Trainer)  # only its validation code is needed, with the reloaded model
+    import tensorflow as tf
+    trainer.tf, trainer.config, trainer.val_cases, trainer.model = tf, tiny_train_config, val_cases, model
+    trainer._predict = tf.function(lambda inputs: model(inputs, training=False))
+    assert trainer.validate()["dsc"] == pytest.approx(best["dsc"], abs=1e-6)
+
+
+def test_pipeline_steps_are_reproducible_and_augmentation_differs_between_steps(trained_model, tiny_train_config):
+    from label_reg.train import load_cases, load_split
+    train_pairs, _ = load_split(tiny_train_config)
+    cases = load_cases(train_pairs[:4], tiny_train_config.preprocess_config(), tiny_train_config.cache_dir, False)
+    first = list(data_lib.training_dataset(cases, 2, 4, seed=1, augment_scale=0.1).as_numpy_iterator())
+    again = list(data_lib.training_dataset(cases, 2, 4, seed=1, augment_scale=0.1).as_numpy_iterator())
+    resumed = list(data_lib.training_dataset(cases, 2, 4, seed=1, start_step=2, augment_scale=0.1)
+                   .as_numpy_iterator())
+    for a, b in zip(first, again):
+        assert all(np.array_equal(a[k], b[k]) for k in data_lib.TRAINING_KEYS)
+    for a, b in zip(first[2:], resumed):
+        assert all(np.array_equal(a[k], b[k]) for k in data_lib.TRAINING_KEYS)
+    # Steps 0 and 2 hold the same 4 cases over the first two epochs; their augmentations must differ.
+    plain = list(data_lib.training_dataset(cases, 2, 4, seed=1, augment_scale=0.0).as_numpy_iterator())
+    assert not np.allclose(first[0]["moving_image"], plain[0]["moving_image"])
+    assert not np.allclose(first[0]["fixed_image"] - plain[0]["fixed_image"],
+                           first[0]["moving_image"] - plain[0]["moving_image"])  # MR and TRUS drawn apart
+    val = [b["fixed_image"] for b in data_lib.validation_dataset(cases).as_numpy_iterator()]
+    val_again = [b["fixed_image"] for b in data_lib.validation_dataset(cases).as_numpy_iterator()]
+    assert all(np.array_equal(a, b) for a, b in zip(val, val_again))
+    assert np.array_equal(val[0][0], data_lib.training_arrays(cases[0])["fixed_image"])
+
+
+def test_killed_and_resumed_run_ends_with_the_same_weights(phantom_dir, tmp_path):
+    straight = _config(phantom_dir, tmp_path / "straight")
+    _finish(_start(straight))
+
+    broken = _config(phantom_dir, tmp_path / "broken")
+    proc = _start(broken)
+    checkpoints = tmp_path / "broken" / "model" / "checkpoints"
+    deadline = time.time() + TIMEOUT
+    state = checkpoints / "checkpoint"  # written last, once a checkpoint is complete
+    while not (state.exists() and "ckpt-4" in state.read_text()) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "training finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+    assert not (checkpoints / "ckpt-12.index").exists()
+
+    resumed = _finish(_start(dict(broken, resume=True)))
+    assert 0 < resumed["steps"] < 12
+    a = _checkpoint_arrays(tmp_path / "straight" / "model")
+    b = _checkpoint_arrays(tmp_path / "broken" / "model")
+    assert a.keys() == b.keys()
+    different = [n for n in a if not np.array_equal(a[n], b[n])]
+    assert not different, different[:5]
+
+
+def _free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def test_two_workers_on_loopback_train_in_lockstep(phantom_dir, tmp_path):
+    ports = _free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    procs = []
+    for index in range(2):
+        config = _config(phantom_dir, tmp_path / f"worker{index}", num_steps=4, checkpoint_every=2,
+                         model_dir=str(tmp_path / "mw_model"))
+        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+        procs.append(_start(config, {"TF_CONFIG": tf_config}))
+    summaries = [_finish(p) for p in procs]
+    losses = [s["loss_history"] for s in summaries]
+    assert len(losses[0]) == 4 and all(np.isfinite(losses[0]))
+    assert losses[0] == losses[1]  # the all-reduced loss is the same number on both workers
+    assert (tmp_path / "mw_model" / "model.weights.h5").exists()  # only the chief writes the model directory
+
+
+def test_mirrored_strategy_over_two_logical_cpus(phantom_dir, tmp_path):
+    summary = _finish(_start(_config(phantom_dir, tmp_path / "mirrored", num_steps=4, cpu_replicas=2)))
+    assert len(summary["loss_history"]) == 4 and all(np.isfinite(summary["loss_history"]))
+    code = ("from label_reg.train import make_strategy; s = make_strategy(2); "
+            "print('REPLICAS', s.num_replicas_in_sync)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT)
+    assert "REPLICAS 2" in out.stdout, out.stderr[-2000:]
