@@ -1,11 +1,23 @@
-# label_reg: every target installs what it needs into $(VENV) first.
-PYTHON   ?= python3
-VENV     ?= .venv
-TF_EXTRA ?= cpu
-PY       := $(VENV)/bin/python
+# label_reg: every target installs what it needs into $(VENV) first (`make install TF_EXTRA=gpu` for GPU TensorFlow).
+PYTHON    ?= python3
+VENV      ?= .venv
+TF_EXTRA  ?= cpu
+PY        := $(VENV)/bin/python
 LABEL_REG := $(VENV)/bin/label-reg
 
-.PHONY: install test
+# Training: make train-mixplus DATA=path/to/paired/data [PRESET=cpu] [FOLD=0] [RUNS=runs] [EXTRA="--num_steps=100"]
+DATA   ?= $(LABEL_REG_DEMO_DATA)
+FOLD   ?= 0
+FOLDS  ?= 0 1 2 3 4
+PRESET ?=
+RUNS   ?= runs
+EXTRA  ?=
+PRESET_FLAGS = $(if $(PRESET),--flagfile=experiments/$(PRESET).flags)
+RUN_NAME = $(1)$(if $(PRESET),_$(PRESET))_fold$(2)
+
+.PHONY: install test demo bench evaluate export clean-runs check-data \
+        train-mdsc train-sdm train-mix train-mixplus train-all-folds
+
 install: $(VENV)/.installed
 
 $(VENV)/.installed: setup.cfg pyproject.toml
@@ -16,3 +28,18 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 test: install
 	$(PY) -m pytest -q
+
+check-data:
+	@test -n "$(DATA)" || { echo "set DATA=path/to/paired/data (moving_images/, moving_labels/, fixed_images/, fixed_labels/)"; exit 2; }
+
+train-mdsc train-sdm train-mix train-mixplus: train-%: install check-data
+	$(LABEL_REG) train --flagfile=experiments/$*.flags $(PRESET_FLAGS) --data_dir=$(DATA) \
+	  --model_dir=$(RUNS)/$(call RUN_NAME,$*,$(FOLD)) --fold=$(FOLD) $(EXTRA)
+
+# All folds of one experiment, one after the other: make train-all-folds EXPERIMENT=mixplus DATA=... PRESET=cpu
+EXPERIMENT ?= mixplus
+train-all-folds: install check-data
+	for fold in $(FOLDS); do \
+	  $(LABEL_REG) train --flagfile=experiments/$(EXPERIMENT).flags $(PRESET_FLAGS) --data_dir=$(DATA) \
+	    --model_dir=$(RUNS)/$(call RUN_NAME,$(EXPERIMENT),$$fold) --fold=$$fold $(EXTRA) || exit $$?; \
+	done

@@ -44,6 +44,9 @@ def main(argv=None):
     from label_reg.errors import InputError
 
     def run(args):
+        if not any(a.startswith(("--verbosity", "-v")) for a in argv[2:]):
+            from absl import logging
+            logging.set_verbosity(logging.WARNING)  # TensorFlow's INFO chatter hides the progress bar
         try:
             return module.main(args)
         except InputError as err:

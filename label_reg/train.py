@@ -117,10 +117,9 @@ def load_cases(pairs, preprocess_config, cache_dir="", progress=True):
         else:
             arrays = cache.get_or_compute(pair, lambda p: preprocess_pair(p, preprocess_config).to_arrays())
         cases.append(arrays)
-        if progress:
-            print(f"\rpre-processing {i + 1}/{len(pairs)}", end="", file=sys.stderr, flush=True)
-    if progress and pairs:
-        print(file=sys.stderr)
+        if progress and (sys.stderr.isatty() or i + 1 == len(pairs)):
+            end = "\n" if i + 1 == len(pairs) else ""
+            print(f"\rpre-processing {i + 1}/{len(pairs)} cases", end=end, file=sys.stderr, flush=True)
     return cases
 
 
