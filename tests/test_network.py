@@ -53,20 +53,21 @@ def _sphere(centre, radius=6):
     return (np.linalg.norm(grid - np.asarray(centre), axis=-1) <= radius).astype(np.float32)[None, ..., None]
 
 
-def test_a_few_steps_on_shifted_spheres_lower_the_loss(mixplus):
-    tf.keras.utils.set_random_seed(0)
+def test_a_few_steps_on_shifted_spheres_lower_the_loss():
+    tf.keras.utils.set_random_seed(0)  # before building: the initial weights must not depend on test order
+    model = network.build_model(SHAPE, moving_label_input=True)
     fixed, moving = _sphere((14, 16, 16)), _sphere((18, 16, 16))
     inputs = {"moving_image": moving, "fixed_image": fixed, "moving_label": moving}
-    optimizer = tf.keras.optimizers.Adam(1e-2)
+    optimizer = tf.keras.optimizers.Adam(3e-3)
 
     @tf.function
     def step():
         with tf.GradientTape() as tape:
-            ddf = mixplus(inputs, training=True)
+            ddf = model(inputs, training=True)
             loss = losses.registration_loss(0.5, 0.0, fixed, warp(moving, ddf, "zero"), None, None, ddf)["total"]
-        grads = tape.gradient(loss, mixplus.trainable_variables)
-        optimizer.apply_gradients(zip(grads, mixplus.trainable_variables))
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
         return tf.reduce_mean(loss)
 
-    history = [float(step()) for _ in range(12)]
-    assert history[-1] < 0.9 * history[0], history
+    history = [float(step()) for _ in range(15)]
+    assert max(history[-3:]) < 0.8 * history[0], history
