@@ -43,3 +43,8 @@ train-all-folds: install check-data
 	  $(LABEL_REG) train --flagfile=experiments/$(EXPERIMENT).flags $(PRESET_FLAGS) --data_dir=$(DATA) \
 	    --model_dir=$(RUNS)/$(call RUN_NAME,$(EXPERIMENT),$$fold) --fold=$$fold $(EXTRA) || exit $$?; \
 	done
+
+# A newcomer's first run: phantoms -> short MIX+ training -> registration of held-out phantoms -> table.
+DEMO_OUT ?= demo_out
+demo: install
+	$(PY) tools/demo.py --output_dir $(DEMO_OUT) --overwrite
