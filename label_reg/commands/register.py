@@ -1,0 +1,76 @@
+"""``label-reg register``: register an MR volume to a TRUS volume with a trained model (outputs in TRUS world space).
+
+One pair::
+
+    label-reg register --moving_image MR.nii.gz --fixed_image US.nii.gz --moving_label MRSEG.nii.gz \\
+        [--moving_points targets.csv] --model MODEL_DIR --output_dir OUT
+
+A whole paired data folder (moving_images/, moving_labels/, fixed_images/; fixed labels not needed; optional
+moving_points/<case>.csv), loading the model once, one subfolder of OUT per case::
+
+    label-reg register --data_dir DATA --model MODEL_DIR --output_dir OUT
+
+See :mod:`label_reg.register` for the outputs.
+"""
+import sys
+
+from absl import flags
+
+from label_reg.errors import InputError
+
+flags.DEFINE_string("moving_image", None, "MR volume (NIfTI), any spacing/size/orientation.")
+flags.DEFINE_string("fixed_image", None, "TRUS volume (NIfTI); every output is written on its grid.")
+flags.DEFINE_string("moving_label", None, "MR labels (NIfTI, 3-D mask or 4-D stack, channel 0 = gland). Required: "
+                                          "the gland drives the pre-alignment (and is the MIX+ third input).")
+flags.DEFINE_string("moving_points", None, "Optional CSV of MR points (x,y,z in mm, MR world/LPS; optional name "
+                                           "column) to map into TRUS world space.")
+flags.DEFINE_string("model", None, "Model directory written by `label-reg train`.")
+flags.DEFINE_string("output_dir", None, "Output folder (a subfolder per case with --data_dir).")
+flags.DEFINE_string("data_dir", None, "Batch mode: paired data folder instead of the single-pair flags.")
+
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise InputError(" ".join(argv[1:]), "unexpected positional argument(s); all options are --flags")
+    if not FLAGS.model:
+        raise InputError("--model", "is required (a model directory from `label-reg train`)")
+    if not FLAGS.output_dir:
+        raise InputError("--output_dir", "is required")
+    single = [name for name in ("moving_image", "fixed_image", "moving_label", "moving_points")
+              if getattr(FLAGS, name)]
+    from label_reg.register import Registrar, register_folder
+    if FLAGS.data_dir:
+        if single:
+            raise InputError("--data_dir", f"cannot be combined with --{', --'.join(single)}")
+        registrar = Registrar(FLAGS.model)
+        results = register_folder(FLAGS.data_dir, FLAGS.output_dir, registrar=registrar)
+        failed = [r for r in results if not r["ok"]]
+        done = [r["seconds"] for r in results if r["ok"]]
+        if done:
+            print(f"registered {len(done)} of {len(results)} case(s) into {FLAGS.output_dir} "
+                  f"({sum(done) / len(done):.2f} s per case; model loaded in {registrar.load_seconds:.2f} s)")
+        if failed:
+            for r in failed:
+                print(f"label-reg register: error: case {r['name']}: {r['error']}", file=sys.stderr)
+            raise InputError(FLAGS.data_dir, f"{len(failed)} of {len(results)} case(s) failed (see above); "
+                                             "their output folders were not written")
+        return 0
+    missing = [name for name in ("moving_image", "fixed_image") if not getattr(FLAGS, name)]
+    if missing:
+        raise InputError(f"--{missing[0]}", "is required (or --data_dir for a folder of pairs)")
+    # Validate every input before loading TensorFlow and the model: bad input fails fast and writes nothing.
+    from label_reg.register import check_output_dir, model_takes_label, read_inputs
+    output_dir = check_output_dir(FLAGS.output_dir)
+    inputs = read_inputs(FLAGS.moving_image, FLAGS.fixed_image, FLAGS.moving_label, FLAGS.moving_points,
+                         mixplus=model_takes_label(FLAGS.model))
+    result = Registrar(FLAGS.model).register_inputs(inputs, output_dir)
+    report = result.report
+    print(f"registered {FLAGS.moving_image} -> {FLAGS.fixed_image} in {report['timings_s']['total_s']:.2f} s "
+          f"(+ {report['model_load_s']:.2f} s model load); outputs in {result.output_dir}")
+    if result.point_status is not None:
+        flagged = [s for s in result.point_status if s != "ok"]
+        print(f"mapped {len(result.point_status)} point(s); {len(flagged)} flagged "
+              f"(see the status column of {result.files['moving_points_in_fixed_csv'].name})")
+    return 0

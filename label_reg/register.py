@@ -1,0 +1,473 @@
+"""Register raw MR/TRUS NIfTI volumes with a trained model; every output lives in the original TRUS image's world space.
+
+``Registrar(model_dir)`` loads the network once (weights only, see :mod:`label_reg.model_dir`) with one
+``tf.function`` forward pass of fixed input signature, then :meth:`Registrar.register` does, per pair:
+
+1. read and validate the files (:mod:`label_reg.io`); the MR gland mask is required (pre-alignment, and the third
+   input of MIX+ models);
+2. pre-process exactly as in training with the model's recorded :class:`~label_reg.preprocess.PreprocessConfig`
+   (pre-alignment translation ``t``, crop grid around the TRUS centre, intensity normalisation);
+3. predict the DDF ``u`` on the crop grid;
+4. compose the total transform ``T(p) = p + M_c u(W_c^-1 p) + t`` (:mod:`label_reg.transform`) sampled on the TRUS
+   image grid, and resample the MR image (cubic B-spline) and every MR label channel (linear, then >= 0.5) through it;
+5. map MR points (biopsy targets) into TRUS space by inverting ``T`` per point;
+6. write everything into a staging folder beside ``output_dir`` and move it into place, so that an error never
+   leaves a partial output.
+
+Outputs (``output_dir``):
+
+* ``warped_moving_image.nii.gz``  MR resampled onto the TRUS grid (float32).
+* ``warped_moving_label.nii.gz``  every MR label channel warped onto the TRUS grid (uint8; 4-D, channels last,
+  when K > 1).
+* ``transform_ddf.nii.gz``        the total transform as an ITK displacement field in mm on the TRUS grid: TRUS point
+  p maps to MR point p + d(p) (``sitk.DisplacementFieldTransform``; 3D Slicer loads it as a transform).
+* ``moving_points_in_fixed.csv`` / ``moving_points_in_fixed.mrk.json`` with ``moving_points``: the points in TRUS
+  world (LPS) mm, with a ``status`` of ``ok``, ``outside_fixed_image`` or ``not_inverted`` (residual > 0.01 mm).
+* ``registration.json``           model, inputs, timings, pre-alignment translation, DDF statistics.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import shutil
+import sys
+import time
+import uuid
+
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+
+from label_reg import io as lio
+from label_reg.errors import InputError
+
+__all__ = ["Registrar", "RegistrationResult", "Inputs", "read_inputs", "model_takes_label", "check_output_dir",
+           "register_folder", "read_points_csv", "OUTPUT_FILES", "POINT_TOLERANCE_MM"]
+
+OUTPUT_FILES = {
+    "warped_moving_image": "warped_moving_image.nii.gz",
+    "warped_moving_label": "warped_moving_label.nii.gz",
+    "transform_ddf": "transform_ddf.nii.gz",
+    "moving_points_in_fixed_csv": "moving_points_in_fixed.csv",
+    "moving_points_in_fixed_mrk": "moving_points_in_fixed.mrk.json",
+    "registration": "registration.json",
+}
+POINT_TOLERANCE_MM = 0.01  # a mapped point whose inverse residual exceeds this is flagged "not_inverted"
+POINTS_FOLDER = "moving_points"  # batch mode: optional <data_dir>/moving_points/<name>.csv
+_MARKUPS_SCHEMA = ("https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/Markups/Resources/"
+                   "Schema/markups-schema-v1.0.3.json#")
+
+
+@dataclasses.dataclass
+class RegistrationResult:
+    """What :meth:`Registrar.register` wrote and computed. ``points_fixed`` (N, 3) TRUS world mm and
+    ``point_status`` (N,) are None without moving points."""
+
+    output_dir: pathlib.Path
+    files: dict
+    report: dict
+    translation_mm: np.ndarray
+    points_fixed: np.ndarray | None = None
+    point_status: list | None = None
+
+
+# ------------------------------------------------------------------------------------------------ points CSV
+def read_points_csv(path):
+    """Read MR points (world/LPS mm): a CSV with columns ``x, y, z`` (any case) and optionally ``name`` (or
+    ``label``), or a header-less CSV of three numeric columns. Returns (names list, (N, 3) float64)."""
+    p = pathlib.Path(path)
+    if not p.exists():
+        raise InputError(p, "file not found")
+    if not p.is_file():
+        raise InputError(p, "is not a file, expected a CSV of points")
+    try:
+        raw = pd.read_csv(p, header=None, dtype=str, keep_default_na=False, skip_blank_lines=True,
+                          skipinitialspace=True, comment="#")
+    except pd.errors.EmptyDataError:
+        raise InputError(p, "holds no points (expected a CSV with columns x,y,z in mm)") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise InputError(p, f"cannot parse CSV ({first})") from None
+    raw = raw.apply(lambda col: col.str.strip())
+    header = [c.lower() for c in raw.iloc[0].tolist()] if len(raw) else []
+    if {"x", "y", "z"} <= set(header):
+        body = raw.iloc[1:]
+        cols = {name: header.index(name) for name in ("x", "y", "z")}
+        name_col = next((header.index(n) for n in ("name", "label") if n in header), None)
+        first_line = 2
+    elif len(raw) and raw.shape[1] == 3 and all(_is_number(v) for v in raw.iloc[0]):
+        body = raw
+        cols = {"x": 0, "y": 1, "z": 2}
+        name_col = None
+        first_line = 1
+    else:
+        raise InputError(p, "expected a header with columns x,y,z (and optionally name), or three numeric "
+                            "columns x,y,z in mm")
+    if len(body) == 0:
+        raise InputError(p, "holds no points (only a header)")
+    points = np.empty((len(body), 3), np.float64)
+    for row in range(len(body)):
+        for axis, key in enumerate("xyz"):
+            value = body.iloc[row, cols[key]]
+            if not _is_number(value) or not math.isfinite(float(value)):
+                raise InputError(p, f"line {first_line + row}: {key} = {value!r} is not a finite number (mm)")
+            points[row, axis] = float(value)
+    if name_col is not None:
+        names = [body.iloc[row, name_col] or f"P-{row + 1}" for row in range(len(body))]
+    else:
+        names = [f"P-{row + 1}" for row in range(len(body))]
+    return names, points
+
+
+def _is_number(value):
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+# ------------------------------------------------------------------------------------------------ staging
+@contextlib.contextmanager
+def _staging_dir(output_dir: pathlib.Path):
+    """A fresh hidden folder beside ``output_dir``; removed on any exception."""
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = output_dir.parent / f".{output_dir.name}.tmp-{uuid.uuid4().hex[:12]}"
+    staging.mkdir()
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _publish(staging: pathlib.Path, output_dir: pathlib.Path):
+    """Move the staged outputs into ``output_dir``: one atomic rename when it does not exist yet, else file by file
+    (each ``os.replace`` atomic), removing our own outputs of an earlier run that this run did not produce."""
+    try:
+        os.rename(staging, output_dir)
+        return
+    except OSError:
+        if not output_dir.is_dir():
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    produced = {f.name for f in staging.iterdir()}
+    for f in staging.iterdir():
+        os.replace(f, output_dir / f.name)
+    for name in OUTPUT_FILES.values():
+        if name not in produced:
+            with contextlib.suppress(FileNotFoundError):
+                (output_dir / name).unlink()
+    staging.rmdir()
+
+
+def check_output_dir(output_dir):
+    if output_dir is None or str(output_dir) == "":
+        raise InputError("--output_dir", "is required")
+    out = pathlib.Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise InputError(out, "exists and is not a directory")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+@dataclasses.dataclass
+class Inputs:
+    """One pair read and validated from disk (no TensorFlow needed): see :func:`read_inputs`."""
+
+    moving_image: sitk.Image
+    moving_label: list
+    fixed_image: sitk.Image
+    points: tuple | None  # (names, (N, 3) MR world mm) or None
+    paths: dict
+    read_seconds: float = 0.0
+
+
+def model_takes_label(model_dir):
+    """Whether a model directory's network takes the MR mask as a third input (MIX+), from its JSON alone (None if
+    unreadable: :func:`label_reg.model_dir.read_info` reports that properly when the model is loaded)."""
+    try:
+        info = json.loads((pathlib.Path(model_dir) / "label_reg.json").read_text())
+        value = info["build"]["moving_label_input"]
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    return value if isinstance(value, bool) else None
+
+
+def read_inputs(moving_image, fixed_image, moving_label=None, moving_points=None, mixplus=None):
+    """Read and validate the files of one pair (InputError naming the file on any problem). ``mixplus`` only
+    words the error when the MR gland mask is missing: it is always required (pre-alignment)."""
+    start = time.perf_counter()
+    if moving_label is None or str(moving_label) == "":
+        why = "for the pre-alignment" + (" and as the third input of this MIX+ model" if mixplus else "")
+        raise InputError(moving_image, f"no MR gland mask given (--moving_label): it is required {why}")
+    mr = lio.read_image(moving_image)
+    mr_labels = lio.read_label(moving_label, reference=mr, reference_name=str(moving_image))
+    us = lio.read_image(fixed_image)
+    points = read_points_csv(moving_points) if moving_points else None
+    paths = {"moving_image": moving_image, "fixed_image": fixed_image, "moving_label": moving_label,
+             "moving_points": moving_points or None}
+    return Inputs(mr, mr_labels, us, points, paths, time.perf_counter() - start)
+
+
+# ------------------------------------------------------------------------------------------------ registrar
+def _tf():
+    import tensorflow as tf
+    return tf
+
+
+class Registrar:
+    """A loaded model ready to register pairs of raw NIfTI files (see the module docstring)."""
+
+    def __init__(self, model_dir):
+        start = time.perf_counter()
+        from label_reg import model_dir as md
+        tf = _tf()
+        self.model_dir = pathlib.Path(model_dir)
+        self.model, self.info, self.config = md.load(self.model_dir)
+        build = self.info["build"]
+        self.moving_label_input = bool(build["moving_label_input"])
+        self.image_shape = tuple(int(n) for n in build["image_shape"])
+        if tuple(self.config.shape) != self.image_shape:
+            raise InputError(self.model_dir / md.INFO_FILE,
+                             f"pre-processing shape {tuple(self.config.shape)} differs from the network input "
+                             f"shape {self.image_shape}")
+        self.input_names = ("moving_image", "fixed_image") + (("moving_label",) if self.moving_label_input else ())
+        spec = {n: tf.TensorSpec((1,) + self.image_shape + (1,), tf.float32, name=n) for n in self.input_names}
+        self._forward = tf.function(lambda inputs: self.model(inputs, training=False), input_signature=[spec])
+        self.load_seconds = time.perf_counter() - start
+
+    # -- pieces ----------------------------------------------------------------------------------------------
+    def predict(self, pre):
+        """The network DDF (X, Y, Z, 3) in crop voxels for a :class:`~label_reg.preprocess.Preprocessed` pair."""
+        tf = _tf()
+        arrays = {"moving_image": pre.moving_image[..., None], "fixed_image": pre.fixed_image[..., None],
+                  "moving_label": pre.moving_label[..., :1]}
+        inputs = {n: tf.constant(np.asarray(arrays[n], np.float32)[None]) for n in self.input_names}
+        return np.asarray(self._forward(inputs)[0].numpy(), np.float32)
+
+    # -- the whole thing -------------------------------------------------------------------------------------
+    def register(self, moving_image, fixed_image, moving_label=None, moving_points=None, output_dir=None):
+        """Register one pair of raw NIfTI files and write the outputs into ``output_dir`` (see the module
+        docstring). Returns a :class:`RegistrationResult`. Raises InputError (and writes nothing) on bad input."""
+        out = check_output_dir(output_dir)
+        inputs = read_inputs(moving_image, fixed_image, moving_label, moving_points, self.moving_label_input)
+        return self.register_inputs(inputs, out)
+
+    def register_inputs(self, inputs, output_dir):
+        """:meth:`register` for a pair already read by :func:`read_inputs`."""
+        from label_reg.preprocess import preprocess_images
+        from label_reg.transform import invert_points, total_displacement_mm
+
+        t0 = time.perf_counter() - inputs.read_seconds
+        timings = {"read_s": inputs.read_seconds}
+        out = check_output_dir(output_dir)
+        mr, mr_labels, us, points = inputs.moving_image, inputs.moving_label, inputs.fixed_image, inputs.points
+        moving_image, fixed_image = inputs.paths["moving_image"], inputs.paths["fixed_image"]
+        moving_label, moving_points = inputs.paths["moving_label"], inputs.paths["moving_points"]
+
+        t = time.perf_counter()
+        names = {"moving_image": str(moving_image), "fixed_image": str(fixed_image),
+                 "moving_label": str(moving_label)}
+        pre = preprocess_images(mr, mr_labels, us, None, self.config, names=names)
+        timings["preprocess_s"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        ddf = self.predict(pre)
+        timings["predict_s"] = time.perf_counter() - t
+        if not np.isfinite(ddf).all():
+            raise RuntimeError("the network predicted a non-finite DDF")
+
+        t = time.perf_counter()
+        us_geo = lio.Geometry.from_image(us)
+        disp = total_displacement_mm(ddf, pre.grid, pre.translation_mm, us_geo)
+        transform = _displacement_transform(disp, us_geo)
+        warped_image = _warp_image(mr, us_geo, transform)
+        warped_labels = _warp_labels(mr_labels, us_geo, transform)
+        timings["warp_s"] = time.perf_counter() - t
+
+        point_rows = None
+        points_fixed = status = None
+        if points is not None:
+            t = time.perf_counter()
+            point_names, moving_pts = points
+            points_fixed, residual = invert_points(moving_pts, disp, us_geo, iterations=200, tol_mm=1e-5)
+            inside = _inside(us_geo, points_fixed)
+            status = ["not_inverted" if not (r <= POINT_TOLERANCE_MM) else ("ok" if ok else "outside_fixed_image")
+                      for r, ok in zip(residual, inside)]
+            point_rows = (point_names, moving_pts, points_fixed, residual, status)
+            timings["points_s"] = time.perf_counter() - t
+
+        ddf_mm = ddf.astype(np.float64) @ pre.grid.matrix.T
+        magnitude = np.linalg.norm(ddf_mm, axis=-1)
+        det = _jacobian_determinant(ddf)
+        report = {
+            "model_dir": str(self.model_dir.resolve()),
+            "model": {"moving_label_input": self.moving_label_input, "image_shape": list(self.image_shape),
+                      "preprocess": self.config.to_dict()},
+            "inputs": {"moving_image": _abs(moving_image), "fixed_image": _abs(fixed_image),
+                       "moving_label": _abs(moving_label), "moving_points": _abs(moving_points)},
+            "fixed_geometry": us_geo.to_dict(),
+            "crop_grid": pre.grid.to_dict(),
+            "translation_mm": [float(v) for v in pre.translation_mm],
+            "ddf_mm": {"max": float(magnitude.max()), "mean": float(magnitude.mean()),
+                       "p95": float(np.percentile(magnitude, 95)),
+                       "folding_fraction": float(np.mean(det <= 0.0)),
+                       "jacobian_determinant_min": float(det.min())},
+            "label_channels": len(mr_labels),
+        }
+        if status is not None:
+            report["points"] = {"count": len(status), "ok": status.count("ok"),
+                                "outside_fixed_image": status.count("outside_fixed_image"),
+                                "not_inverted": status.count("not_inverted"),
+                                "tolerance_mm": POINT_TOLERANCE_MM}
+
+        t = time.perf_counter()
+        files = {}
+        with _staging_dir(out) as staging:
+            lio.write_image(staging / OUTPUT_FILES["warped_moving_image"], warped_image)
+            lio.write_label(staging / OUTPUT_FILES["warped_moving_label"], warped_labels)
+            lio.write_displacement_field(staging / OUTPUT_FILES["transform_ddf"], disp, us_geo)
+            files.update({k: out / OUTPUT_FILES[k] for k in ("warped_moving_image", "warped_moving_label",
+                                                               "transform_ddf")})
+            if point_rows is not None:
+                _write_points_csv(staging / OUTPUT_FILES["moving_points_in_fixed_csv"], *point_rows)
+                _write_markups(staging / OUTPUT_FILES["moving_points_in_fixed_mrk"], *point_rows)
+                files["moving_points_in_fixed_csv"] = out / OUTPUT_FILES["moving_points_in_fixed_csv"]
+                files["moving_points_in_fixed_mrk"] = out / OUTPUT_FILES["moving_points_in_fixed_mrk"]
+            files["registration"] = out / OUTPUT_FILES["registration"]
+            timings["write_s"] = time.perf_counter() - t
+            timings["total_s"] = time.perf_counter() - t0
+            report["timings_s"] = {k: round(v, 4) for k, v in timings.items()}
+            report["model_load_s"] = round(self.load_seconds, 4)
+            report["outputs"] = {k: v.name for k, v in files.items()}
+            _write_json(staging / OUTPUT_FILES["registration"], report)
+            _publish(staging, out)
+        return RegistrationResult(output_dir=out, files=files, report=report,
+                                  translation_mm=np.asarray(pre.translation_mm, np.float64),
+                                  points_fixed=points_fixed, point_status=status)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _abs(path):
+    return None if path is None or str(path) == "" else str(pathlib.Path(path).resolve())
+
+
+def _jacobian_determinant(ddf):
+    """det of the Jacobian of x -> x + u(x) (central differences, as :func:`label_reg.metrics.jacobian_determinant`),
+    by the explicit 3x3 formula in float32: a fraction of the time of ``np.linalg.det`` on every voxel."""
+    u = np.asarray(ddf, np.float32)
+    j = [[None] * 3 for _ in range(3)]
+    for i in range(3):
+        for axis, g in enumerate(np.gradient(u[..., i], axis=(0, 1, 2))):
+            j[i][axis] = g + 1.0 if axis == i else g
+    return (j[0][0] * (j[1][1] * j[2][2] - j[1][2] * j[2][1])
+            - j[0][1] * (j[1][0] * j[2][2] - j[1][2] * j[2][0])
+            + j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0]))
+
+
+def _displacement_transform(disp_mm, geometry):
+    img = sitk.GetImageFromArray(np.ascontiguousarray(disp_mm.transpose(2, 1, 0, 3), np.float64), isVector=True)
+    geometry.apply_to(img)
+    return sitk.DisplacementFieldTransform(img)  # takes the image over
+
+
+def _warp_image(mr, geometry, transform):
+    """MR resampled through ``transform`` onto ``geometry`` with cubic B-spline; ringing clamped to the MR range,
+    the MR minimum outside the MR field of view."""
+    arr = sitk.GetArrayViewFromImage(mr)
+    lo, hi = float(arr.min()), float(arr.max())
+    out = sitk.Resample(mr, geometry.reference_image(), transform, sitk.sitkBSpline, lo, sitk.sitkFloat32)
+    return sitk.Clamp(out, sitk.sitkFloat32, lo, hi)
+
+
+def _warp_labels(channels, geometry, transform):
+    """Each label channel resampled linearly through ``transform`` onto ``geometry``, then >= 0.5 (uint8 images).
+    (Channel by channel: faster in SimpleITK than one pass over a vector image.)"""
+    ref = geometry.reference_image()
+    warped = []
+    for ch in channels:
+        res = sitk.Resample(sitk.Cast(ch, sitk.sitkFloat32), ref, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+        warped.append(sitk.BinaryThreshold(res, 0.5, 1e30, 1, 0))  # uint8 0/1
+    return warped
+
+
+def _inside(geometry, points):
+    """Whether world points lie inside the image's extent (voxel centres +- half a voxel)."""
+    idx = geometry.world_to_index(points)
+    upper = np.asarray(geometry.size, np.float64) - 0.5
+    return np.all((idx >= -0.5) & (idx <= upper), axis=1)
+
+
+def _write_points_csv(path, names, moving, fixed, residual, status):
+    frame = pd.DataFrame({
+        "name": names, "x": fixed[:, 0], "y": fixed[:, 1], "z": fixed[:, 2], "status": status,
+        "residual_mm": residual, "moving_x": moving[:, 0], "moving_y": moving[:, 1], "moving_z": moving[:, 2]})
+    with lio.atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False, float_format="%.6f")
+
+
+def _write_markups(path, names, moving, fixed, residual, status):
+    """3D Slicer fiducial markups (LPS, mm). Points that failed to invert are "undefined" (not drawn)."""
+    control_points = []
+    for i, (name, p, r, s) in enumerate(zip(names, fixed, residual, status)):
+        description = s if s != "not_inverted" else f"not_inverted (residual {r:.3g} mm)"
+        control_points.append({
+            "id": str(i + 1), "label": str(name), "description": description, "associatedNodeID": "",
+            "position": [float(v) for v in p], "orientation": [-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0],
+            "selected": True, "locked": True, "visibility": s != "not_inverted",
+            "positionStatus": "undefined" if s == "not_inverted" else "defined"})
+    doc = {"@schema": _MARKUPS_SCHEMA,
+           "markups": [{"type": "Fiducial", "coordinateSystem": "LPS", "coordinateUnits": "mm", "locked": True,
+                        "fixedNumberOfControlPoints": False, "labelFormat": "%N-%d",
+                        "lastUsedControlPointNumber": len(control_points), "controlPoints": control_points,
+                        "measurements": []}]}
+    _write_json(path, doc)
+
+
+def _write_json(path, doc):
+    with lio.atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(doc, indent=2) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------ batch mode
+def register_folder(data_dir, output_dir, model_dir=None, registrar=None, progress=True, stream=None):
+    """Register every pair of a paired data folder (:func:`label_reg.datasets.discover_pairs`; fixed labels are
+    not needed) into ``output_dir/<case>/``, loading the model once. ``<data_dir>/moving_points/<case>.csv`` is
+    used when present. A case with bad input is reported and skipped (nothing written for it); returns a list of
+    dicts ``{name, ok, seconds, output_dir, error}``."""
+    from label_reg.datasets import MOVING_LABELS, discover_pairs
+    stream = stream or sys.stdout
+    out = check_output_dir(output_dir)
+    root = pathlib.Path(data_dir)
+    pairs = discover_pairs(root, require_labels=False)
+    if not (root / MOVING_LABELS).is_dir():
+        raise InputError(root / MOVING_LABELS, "folder not found: the MR gland masks are required for the "
+                                               "pre-alignment")
+    if registrar is None:
+        if model_dir is None:
+            raise ValueError("register_folder needs model_dir or registrar")
+        registrar = Registrar(model_dir)
+    results = []
+    width = len(str(len(pairs)))
+    for i, pair in enumerate(pairs, start=1):
+        start = time.perf_counter()
+        points = root / POINTS_FOLDER / f"{pair.name}.csv"
+        case_out = out / pair.name
+        try:
+            registrar.register(pair.moving_image, pair.fixed_image, pair.moving_label,
+                               points if points.is_file() else None, case_out)
+            row = {"name": pair.name, "ok": True, "error": None}
+        except InputError as err:
+            row = {"name": pair.name, "ok": False, "error": str(err)}
+        row["seconds"] = time.perf_counter() - start
+        row["output_dir"] = str(case_out) if row["ok"] else None
+        results.append(row)
+        if progress:
+            state = f"{row['seconds']:.2f} s -> {case_out}" if row["ok"] else f"FAILED: {row['error']}"
+            print(f"[{i:>{width}}/{len(pairs)}] {pair.name}: {state}", file=stream, flush=True)
+    return results

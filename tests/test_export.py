@@ -1,0 +1,114 @@
+"""SavedModel export for TF Serving: named signature, dynamic batch, same DDF as the Keras model, atomic writes."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from label_reg import datasets, model_dir, network, preprocess
+from label_reg.errors import InputError
+from label_reg.export import LABEL_SIGNATURE, SIGNATURE, export
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+
+
+@pytest.fixture(scope="module")
+def exported(trained_model, tmp_path_factory):
+    """The trained MIX+ model exported through the command line."""
+    sm = tmp_path_factory.mktemp("export") / "sm"
+    run = subprocess.run([sys.executable, "-m", "label_reg.cli", "export", "--model", str(trained_model[0]),
+                          "--output_dir", str(sm)], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "serving_default inputs: moving_image, fixed_image, moving_label" in run.stdout
+    return sm
+
+
+@pytest.fixture(scope="module")
+def heldout_inputs(trained_model, phantom_dir):
+    """Pre-processed held-out phantoms as model inputs, batch 2, (2, X, Y, Z, 1) float32."""
+    _, _, config = model_dir.load(trained_model[0])
+    pairs = datasets.discover_pairs(phantom_dir)
+    heldout = set(datasets.kfold_split([p.name for p in pairs], 5, 0, 0)[1])
+    cases = [preprocess.preprocess_pair(p, config) for p in pairs if p.name in heldout][:2]
+    return {"moving_image": np.stack([c.moving_image[..., None] for c in cases]),
+            "fixed_image": np.stack([c.fixed_image[..., None] for c in cases]),
+            "moving_label": np.stack([c.moving_label[..., :1] for c in cases])}
+
+
+def test_version_folder_layout(exported, trained_model):
+    assert sorted(p.name for p in exported.iterdir()) == ["1"]  # no temporary folders left
+    version = exported / "1"
+    assert (version / "saved_model.pb").is_file() and (version / "variables").is_dir()
+    assert (version / "label_reg.json").read_bytes() == (trained_model[0] / "label_reg.json").read_bytes()
+    info = json.loads((version / "label_reg.json").read_text())
+    assert info["preprocess"]["shape"] == [32, 32, 32] and info["build"]["moving_label_input"] is True
+
+
+def test_savedmodel_gives_the_keras_ddf_for_batch_1_and_2(exported, trained_model, heldout_inputs):
+    import tensorflow as tf
+
+    from label_reg.layers import warp
+
+    keras_model, _, _ = model_dir.load(trained_model[0])
+    serve = tf.saved_model.load(str(exported / "1")).signatures[SIGNATURE]
+    assert set(serve.structured_input_signature[1]) == {"moving_image", "fixed_image", "moving_label"}
+    for batch in (1, 2):
+        inputs = {k: tf.constant(v[:batch]) for k, v in heldout_inputs.items()}
+        out = serve(**inputs)
+        assert set(out) == {"ddf", "warped_moving_image", "warped_moving_label"}
+        expected = keras_model(inputs, training=False).numpy()
+        assert out["ddf"].shape == (batch, 32, 32, 32, 3) and np.abs(expected).max() > 0.1
+        np.testing.assert_allclose(out["ddf"].numpy(), expected, atol=1e-5)
+        np.testing.assert_allclose(out["warped_moving_image"].numpy(),
+                                   warp(inputs["moving_image"], expected, "replicate").numpy(), atol=1e-4)
+        label = (warp(inputs["moving_label"], expected, "zero").numpy() >= 0.5).astype(np.float32)
+        assert np.mean(out["warped_moving_label"].numpy() != label) < 1e-3  # thresholded, same up to ties
+
+
+def test_saved_model_cli_lists_the_named_inputs(exported):
+    cli = pathlib.Path(sys.executable).parent / "saved_model_cli"
+    run = subprocess.run([str(cli), "show", "--dir", str(exported / "1"), "--tag_set", "serve",
+                          "--signature_def", "serving_default"], env=ENV, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    for name in ("moving_image", "fixed_image", "moving_label"):
+        assert f"inputs['{name}']" in run.stdout
+    for name in ("ddf", "warped_moving_image", "warped_moving_label"):
+        assert f"outputs['{name}']" in run.stdout
+    assert run.stdout.count("shape: (-1, 32, 32, 32, 1)") == 5 and "shape: (-1, 32, 32, 32, 3)" in run.stdout
+
+
+def test_two_input_model_and_replacing_a_version(tmp_path):
+    import tensorflow as tf
+
+    shape = (16, 16, 16)
+    source = tmp_path / "model"
+    model = network.build_model(shape, moving_label_input=False, base_filters=2)
+    model_dir.save(source, model, {"image_shape": shape, "moving_label_input": False, "base_filters": 2},
+                   preprocess.PreprocessConfig(spacing_mm=4.0, shape=shape))
+    sm = tmp_path / "sm"
+    (sm / "1").mkdir(parents=True)
+    (sm / "1" / "old.txt").write_text("previous export")
+    path = export(source, sm, version=1)
+    assert path == sm / "1" and not (path / "old.txt").exists()
+    assert sorted(p.name for p in sm.iterdir()) == ["1"]  # the old version moved aside, then removed
+    loaded = tf.saved_model.load(str(path))
+    serve, with_label = loaded.signatures[SIGNATURE], loaded.signatures[LABEL_SIGNATURE]
+    assert set(serve.structured_input_signature[1]) == {"moving_image", "fixed_image"}
+    assert set(with_label.structured_input_signature[1]) == {"moving_image", "fixed_image", "moving_label"}
+    volume = tf.random.uniform((3,) + shape + (1,), seed=1)
+    out = serve(moving_image=volume, fixed_image=volume)
+    assert set(out) == {"ddf", "warped_moving_image"} and out["ddf"].shape == (3,) + shape + (3,)
+    labelled = with_label(moving_image=volume, fixed_image=volume, moving_label=tf.cast(volume > 0.5, tf.float32))
+    np.testing.assert_array_equal(labelled["warped_moving_label"].numpy(), (volume.numpy() > 0.5))  # zero DDF
+
+
+def test_export_of_a_non_model_writes_nothing(tmp_path):
+    (tmp_path / "not_a_model").mkdir()
+    with pytest.raises(InputError, match="not_a_model"):
+        export(tmp_path / "not_a_model", tmp_path / "sm")
+    assert not (tmp_path / "sm").exists()

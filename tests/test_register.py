@@ -1,0 +1,387 @@
+"""Registration of raw NIfTI pairs: world-space accuracy, ITK round trips, oblique geometry, atomic outputs, errors."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+
+from label_reg import datasets, io, synthetic
+from label_reg.errors import InputError
+from label_reg.preprocess import PreprocessConfig
+from label_reg.register import Registrar, read_points_csv, register_folder
+from label_reg.transform import invert_points, transform_points
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = PreprocessConfig(spacing_mm=3.0, shape=(32, 32, 32))
+
+
+def _files(root, name):
+    return {k: root / k_dir / f"{name}.nii.gz" for k, k_dir in
+            (("moving_image", "moving_images"), ("fixed_image", "fixed_images"), ("moving_label", "moving_labels"),
+             ("fixed_label", "fixed_labels"))}
+
+
+def _centroids_world(path):
+    """World centroids (K-1, 3) of landmark channels 1.. of a label file."""
+    channels = io.read_label(path)
+    geo = io.Geometry.from_image(channels[0])
+    arr = io.labels_to_array(channels)
+    return np.array([geo.index_to_world(np.argwhere(arr[..., k] >= 0.5).mean(axis=0))
+                     for k in range(1, arr.shape[-1])])
+
+
+def _itk_transform(path):
+    return sitk.DisplacementFieldTransform(sitk.Cast(sitk.ReadImage(str(path)), sitk.sitkVectorFloat64))
+
+
+def _dice(a, b):
+    a, b = np.asarray(a) > 0, np.asarray(b) > 0
+    return 2.0 * np.sum(a & b) / (np.sum(a) + np.sum(b))
+
+
+def _gland(path):
+    img = sitk.ReadImage(str(path))
+    arr = sitk.GetArrayFromImage(img)
+    return (arr[0] if img.GetDimension() == 4 else arr) > 0  # (z, y, x)
+
+
+@pytest.fixture(scope="module")
+def registrar(trained_model):
+    return Registrar(trained_model[0])
+
+
+@pytest.fixture(scope="module")
+def untrained_dir(tmp_path_factory):
+    """A MIX+ model straight from build_model: its DDF is exactly zero."""
+    from label_reg import model_dir, network
+    path = tmp_path_factory.mktemp("untrained") / "model"
+    model = network.build_model(TINY.shape, True, 4)
+    model_dir.save(path, model, {"image_shape": TINY.shape, "moving_label_input": True, "base_filters": 4}, TINY)
+    return path
+
+
+@pytest.fixture(scope="module")
+def untrained(untrained_dir):
+    return Registrar(untrained_dir)
+
+
+@pytest.fixture(scope="module")
+def heldout_results(registrar, phantom_dir, tmp_path_factory):
+    """Register every held-out phantom with its MR landmark centroids as moving points."""
+    names = [p.name for p in datasets.discover_pairs(phantom_dir)]
+    heldout = datasets.kfold_split(names, 5, 0, 0)[1]
+    out_root = tmp_path_factory.mktemp("registered")
+    results = {}
+    for name in heldout:
+        files = _files(phantom_dir, name)
+        mr_points = _centroids_world(files["moving_label"])
+        csv = out_root / f"{name}_points.csv"
+        pd.DataFrame({"name": [f"L{k + 1}" for k in range(len(mr_points))], "x": mr_points[:, 0],
+                      "y": mr_points[:, 1], "z": mr_points[:, 2]}).to_csv(csv, index=False)
+        res = registrar.register(files["moving_image"], files["fixed_image"], files["moving_label"], csv,
+                                 out_root / name)
+        results[name] = (res, mr_points, files)
+    return results
+
+
+def test_mapped_points_beat_prealignment_and_match_the_written_itk_field(heldout_results, phantom_dir):
+    ours, coarse, forward_ours, forward_coarse = [], [], [], []
+    for name, (res, mr_points, files) in heldout_results.items():
+        gt, gt_geo = io.read_displacement_field(phantom_dir / synthetic.GROUND_TRUTH_DIR / f"{name}.nii.gz")
+        truth, residual = invert_points(mr_points, gt, gt_geo)
+        assert residual.max() < 1e-4
+        assert res.point_status == ["ok"] * len(mr_points)
+        ours += list(np.linalg.norm(res.points_fixed - truth, axis=1))
+        coarse += list(np.linalg.norm(mr_points - res.translation_mm - truth, axis=1))
+        # The written field, loaded by ITK, sends each mapped TRUS point back onto its MR input (1e-3 mm).
+        itk = _itk_transform(res.files["transform_ddf"])
+        back = np.array([itk.TransformPoint(tuple(float(v) for v in p)) for p in res.points_fixed])
+        np.testing.assert_allclose(back, mr_points, atol=1e-3)
+        # Forward direction: TRUS landmark centroids -> MR, against the ground truth p + gt(p).
+        us_points = _centroids_world(files["fixed_label"])
+        gt_mr = transform_points(us_points, gt, gt_geo)
+        ours_mr = np.array([itk.TransformPoint(tuple(float(v) for v in p)) for p in us_points])
+        forward_ours += list(np.linalg.norm(ours_mr - gt_mr, axis=1))
+        forward_coarse += list(np.linalg.norm(us_points + res.translation_mm - gt_mr, axis=1))
+        # The CSV and the Slicer markups hold the same points, in TRUS world (LPS) mm.
+        table = pd.read_csv(res.files["moving_points_in_fixed_csv"])
+        np.testing.assert_allclose(table[["x", "y", "z"]].to_numpy(), res.points_fixed, atol=1e-5)
+        np.testing.assert_allclose(table[["moving_x", "moving_y", "moving_z"]].to_numpy(), mr_points, atol=1e-5)
+        markups = json.loads(res.files["moving_points_in_fixed_mrk"].read_text())["markups"][0]
+        assert markups["type"] == "Fiducial" and markups["coordinateSystem"] == "LPS"
+        np.testing.assert_allclose([cp["position"] for cp in markups["controlPoints"]], res.points_fixed, atol=1e-9)
+        assert [cp["label"] for cp in markups["controlPoints"]] == list(table["name"])
+    assert len(ours) >= 8
+    assert np.median(ours) < np.median(coarse), (np.median(ours), np.median(coarse))
+    assert np.median(forward_ours) < np.median(forward_coarse), (np.median(forward_ours), np.median(forward_coarse))
+
+
+def test_outputs_are_on_the_trus_grid_and_described(heldout_results):
+    res, _, files = next(iter(heldout_results.values()))
+    us_geo = io.Geometry.from_image(io.read_image(files["fixed_image"]))
+    assert sorted(p.name for p in res.output_dir.iterdir()) == sorted(
+        ["warped_moving_image.nii.gz", "warped_moving_label.nii.gz", "transform_ddf.nii.gz", "registration.json",
+         "moving_points_in_fixed.csv", "moving_points_in_fixed.mrk.json"])
+    warped = sitk.ReadImage(str(res.files["warped_moving_image"]))
+    labels = io.read_label(res.files["warped_moving_label"])
+    field = sitk.ReadImage(str(res.files["transform_ddf"]))
+    assert field.GetNumberOfComponentsPerPixel() == 3 and field.GetDimension() == 3
+    for img in [warped, field] + labels:
+        assert io.Geometry.from_image(img).allclose(us_geo, tol=1e-6)
+    assert len(labels) == len(io.read_label(files["moving_label"]))
+    report = json.loads(res.files["registration"].read_text())
+    assert report["translation_mm"] == pytest.approx(list(res.translation_mm))
+    assert report["inputs"]["moving_image"] == str(files["moving_image"].resolve())
+    assert report["ddf_mm"]["max"] > 0 and report["timings_s"]["total_s"] > 0
+
+
+def _rotation(axis, degrees):
+    axis = np.asarray(axis, float) / np.linalg.norm(axis)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    a = np.deg2rad(degrees)
+    return np.eye(3) + np.sin(a) * k + (1 - np.cos(a)) * k @ k
+
+
+def _moved(img, rotation, offset):
+    """The same image placed elsewhere in the world: world point p becomes rotation @ p + offset."""
+    out = sitk.Image(img)
+    out.SetDirection(tuple((rotation @ np.reshape(img.GetDirection(), (3, 3))).ravel()))
+    out.SetOrigin(tuple(rotation @ np.asarray(img.GetOrigin()) + offset))
+    return out
+
+
+def _flipped_x(img):
+    """Same world image, stored with the x axis reversed (direction column 0 negated, origin at the old last x)."""
+    geo = io.Geometry.from_image(img)
+    out = sitk.GetImageFromArray(sitk.GetArrayFromImage(img)[:, :, ::-1].copy())
+    out.SetSpacing(img.GetSpacing())
+    out.SetDirection(tuple((geo.direction_matrix @ np.diag([-1.0, 1.0, 1.0])).ravel()))
+    out.SetOrigin(tuple(geo.index_to_world((geo.size[0] - 1, 0, 0))))
+    return out
+
+
+def _padded(img):
+    """One zero voxel more at the far x and z ends: the phantom's TRUS grid (60 x 1.25 mm) and the tiny crop grid
+    (32 x 3 mm, same centre) otherwise share exact edge positions, where inside/outside is decided by rounding."""
+    return sitk.ConstantPad(img, [0, 0, 0], [1, 0, 1], 0.0)
+
+
+def _write_case(files, root, place):
+    out = {}
+    for key in ("moving_image", "fixed_image"):
+        img = io.read_image(files[key])
+        out[key] = root / f"{key}.nii.gz"
+        io.write_image(out[key], place(_padded(img) if key == "fixed_image" else img, key))
+    for key in ("moving_label", "fixed_label"):
+        channels = io.read_label(files[key])
+        out[key] = root / f"{key}.nii.gz"
+        io.write_label(out[key], [place(_padded(c) if key == "fixed_label" else c, key) for c in channels])
+    return out
+
+
+def test_oblique_trus_round_trips_in_world_space(registrar, heldout_results, tmp_path):
+    """Move every held-out pair rigidly in the world (oblique TRUS direction, far origin) and store its MR with the x
+    axis reversed: the network sees the same arrays, so the outputs must be the original ones rotated, on the new
+    TRUS grid, and the warped gland must still overlap the TRUS gland better than the pre-alignment does."""
+    rotation = _rotation((1.0, 0.5, 0.3), 35.0)
+    offset = np.array([40.0, -25.0, 60.0])
+
+    def oblique(img, key):
+        img = _moved(img, rotation, offset)
+        return _flipped_x(img) if key.startswith("moving") else img
+
+    ours, coarse = [], []
+    for name, (_, _, files) in heldout_results.items():
+        plain = _write_case(files, tmp_path / name / "plain", lambda img, key: img)
+        moved = _write_case(files, tmp_path / name / "oblique", oblique)
+        us = io.read_image(moved["fixed_image"])
+        us_geo = io.Geometry.from_image(us)
+        direction = np.abs(us_geo.direction_matrix)
+        assert np.linalg.norm(us_geo.origin) > 50 and np.abs(direction - np.round(direction)).max() > 0.2  # oblique
+        res0 = registrar.register(plain["moving_image"], plain["fixed_image"], plain["moving_label"], None,
+                                  tmp_path / name / "plain_out")
+        res = registrar.register(moved["moving_image"], moved["fixed_image"], moved["moving_label"], None,
+                                 tmp_path / name / "oblique_out")
+        for key in ("warped_moving_image", "warped_moving_label", "transform_ddf"):
+            assert io.Geometry.from_image(sitk.ReadImage(str(res.files[key]))).allclose(us_geo, tol=1e-6), key
+        np.testing.assert_allclose(res.translation_mm, rotation @ res0.translation_mm, atol=1e-4)  # float32 headers
+        disp0, _ = io.read_displacement_field(res0.files["transform_ddf"])
+        disp, _ = io.read_displacement_field(res.files["transform_ddf"])
+        np.testing.assert_allclose(disp, disp0 @ rotation.T, atol=1e-2)
+        fixed_gland = _gland(moved["fixed_label"])
+        warped_gland = _gland(res.files["warped_moving_label"])
+        assert _dice(warped_gland, _gland(res0.files["warped_moving_label"])) > 0.99
+        mr_gland = sitk.Cast(io.read_label(moved["moving_label"])[0], sitk.sitkFloat32)
+        shift = sitk.TranslationTransform(3, [float(v) for v in res.translation_mm])
+        coarse.append(_dice(sitk.GetArrayFromImage(sitk.Resample(mr_gland, us, shift, sitk.sitkLinear)) >= 0.5,
+                            fixed_gland))
+        ours.append(_dice(warped_gland, fixed_gland))
+        # The warped MR image is the MR resampled through the written field (cubic B-spline, clamped to its range).
+        mr = io.read_image(moved["moving_image"])
+        lo, hi = (float(f(sitk.GetArrayViewFromImage(mr))) for f in (np.min, np.max))
+        expected = sitk.Resample(mr, us, _itk_transform(res.files["transform_ddf"]), sitk.sitkBSpline, lo)
+        got = sitk.GetArrayFromImage(sitk.ReadImage(str(res.files["warped_moving_image"])))
+        np.testing.assert_allclose(got, np.clip(sitk.GetArrayFromImage(expected), lo, hi), atol=1e-2)
+    assert np.median(ours) > np.median(coarse), (ours, coarse)
+
+
+def test_zero_ddf_gives_the_pure_prealignment(untrained, phantom_dir, tmp_path):
+    registrar = untrained
+    files = _files(phantom_dir, "phantom000")
+    points = np.array([[1.0, 2.0, 3.0], [-10.0, 5.0, 20.0]])
+    csv = tmp_path / "points.csv"
+    csv.write_text("".join(f"{x},{y},{z}\n" for x, y, z in points))  # header-less x,y,z
+    res = registrar.register(files["moving_image"], files["fixed_image"], files["moving_label"], csv,
+                             tmp_path / "out")
+    disp, geo = io.read_displacement_field(res.files["transform_ddf"])
+    assert geo.allclose(io.Geometry.from_image(io.read_image(files["fixed_image"])), tol=1e-6)
+    np.testing.assert_array_equal(disp, np.broadcast_to(res.translation_mm, disp.shape))
+    np.testing.assert_allclose(res.points_fixed, points - res.translation_mm, atol=1e-9)
+    us = io.read_image(files["fixed_image"])
+    shift = sitk.TranslationTransform(3, [float(v) for v in res.translation_mm])
+    for k, channel in enumerate(io.read_label(files["moving_label"])):
+        expected = sitk.GetArrayFromImage(sitk.Resample(channel, us, shift, sitk.sitkLinear, 0.0)) >= 0.5
+        got = sitk.GetArrayFromImage(sitk.ReadImage(str(res.files["warped_moving_label"])))[k]
+        np.testing.assert_array_equal(got, expected.astype(np.uint8))
+    mr = io.read_image(files["moving_image"])
+    expected = sitk.GetArrayFromImage(sitk.Resample(mr, us, shift, sitk.sitkBSpline, float(
+        sitk.GetArrayViewFromImage(mr).min())))
+    got = sitk.GetArrayFromImage(sitk.ReadImage(str(res.files["warped_moving_image"])))
+    lo, hi = sitk.GetArrayViewFromImage(mr).min(), sitk.GetArrayViewFromImage(mr).max()
+    np.testing.assert_allclose(got, np.clip(expected, lo, hi), atol=1e-3)
+
+
+def test_points_outside_or_not_invertible_are_flagged(untrained, phantom_dir, tmp_path):
+    registrar = untrained
+    files = _files(phantom_dir, "phantom001")
+    csv = tmp_path / "points.csv"
+    csv.write_text("X,Y,Z,name\n0,0,0,inside?\n1000,0,0,far\n")
+    res = registrar.register(files["moving_image"], files["fixed_image"], files["moving_label"], csv,
+                             tmp_path / "out")
+    table = pd.read_csv(res.files["moving_points_in_fixed_csv"])
+    assert list(table["name"]) == ["inside?", "far"] and table["status"][1] == "outside_fixed_image"
+    us_geo = io.Geometry.from_image(io.read_image(files["fixed_image"]))
+    idx = us_geo.world_to_index(res.points_fixed[0])
+    inside = bool(np.all((idx >= -0.5) & (idx <= np.asarray(us_geo.size) - 0.5)))
+    assert table["status"][0] == ("ok" if inside else "outside_fixed_image")
+    marks = json.loads(res.files["moving_points_in_fixed_mrk"].read_text())["markups"][0]["controlPoints"]
+    assert marks[1]["description"] == "outside_fixed_image"
+
+
+def test_points_csv_validation(tmp_path):
+    good = tmp_path / "good.csv"
+    good.write_text("name, x, y, z\nA, 1, 2, 3\n,4,5,6\n")
+    names, pts = read_points_csv(good)
+    assert names == ["A", "P-2"] and pts.tolist() == [[1, 2, 3], [4, 5, 6]]
+    for text in ("", "x,y,z\n", "a,b\n1,2\n", "x,y,z\n1,2,nan\n", "x,y,z\n1,two,3\n"):
+        bad = tmp_path / "bad.csv"
+        bad.write_text(text)
+        with pytest.raises(InputError, match="bad.csv"):
+            read_points_csv(bad)
+
+
+def test_batch_mode_loads_once_and_never_retraces(untrained_dir, phantom_dir, tmp_path):
+    data = tmp_path / "data"
+    for folder in ("moving_images", "moving_labels", "fixed_images"):  # no fixed labels: not needed
+        (data / folder).mkdir(parents=True)
+        for name in ("phantom002", "phantom003", "phantom004"):
+            os.symlink(phantom_dir / folder / f"{name}.nii.gz", data / folder / f"{name}.nii.gz")
+    (data / "moving_points").mkdir()
+    (data / "moving_points" / "phantom003.csv").write_text("x,y,z\n0,0,0\n")
+    registrar = Registrar(untrained_dir)
+    lines = []
+
+    class Stream:
+        def write(self, text):
+            lines.append(text)
+
+        def flush(self):
+            pass
+
+    results = register_folder(data, tmp_path / "out", registrar=registrar, stream=Stream())
+    assert [r["name"] for r in results] == ["phantom002", "phantom003", "phantom004"] and all(r["ok"] for r in results)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["phantom002", "phantom003", "phantom004"]
+    assert (tmp_path / "out" / "phantom003" / "moving_points_in_fixed.csv").is_file()
+    assert not (tmp_path / "out" / "phantom002" / "moving_points_in_fixed.csv").exists()
+    assert sum("[" in line and "/3]" in line for line in lines) == 3
+    assert registrar._forward.experimental_get_tracing_count() == 1
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def _cli(*args):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+    return subprocess.run([sys.executable, "-m", "label_reg.cli", "register", *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_registers_into_an_existing_folder_replacing_only_its_own_outputs(untrained_dir, phantom_dir, tmp_path):
+    files = _files(phantom_dir, "phantom005")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "moving_points_in_fixed.csv").write_text("stale")  # from an earlier run with --moving_points
+    run = _cli("--moving_image", files["moving_image"], "--fixed_image", files["fixed_image"], "--moving_label",
+               files["moving_label"], "--model", untrained_dir, "--output_dir", out)
+    assert run.returncode == 0, run.stderr
+    assert "registered" in run.stdout
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["notes.txt", "registration.json", "transform_ddf.nii.gz", "warped_moving_image.nii.gz",
+         "warped_moving_label.nii.gz"])
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging folder left behind
+    report = json.loads((out / "registration.json").read_text())
+    disp, _ = io.read_displacement_field(out / "transform_ddf.nii.gz")
+    np.testing.assert_array_equal(disp[0, 0, 0], report["translation_mm"])
+
+
+def _error_lines(stderr):
+    return [ln for ln in stderr.splitlines() if ln.startswith("label-reg register: error:")]
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(phantom_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad_inputs")
+    files = _files(phantom_dir, "phantom000")
+    two_d = root / "two_d.nii.gz"
+    sitk.WriteImage(sitk.Image([20, 20], sitk.sitkFloat32), str(two_d))
+    nan = root / "nan.nii.gz"
+    arr = sitk.GetArrayFromImage(io.read_image(files["fixed_image"]))
+    arr[5, 5, 5] = np.nan
+    img = sitk.GetImageFromArray(arr)
+    img.CopyInformation(io.read_image(files["fixed_image"]))
+    sitk.WriteImage(img, str(nan))
+    shifted = root / "shifted_label.nii.gz"
+    channels = io.read_label(files["moving_label"])
+    for ch in channels:
+        ch.SetOrigin([v + 5.0 for v in ch.GetOrigin()])
+    io.write_label(shifted, channels)
+    return {"files": files, "two_d": two_d, "nan": nan, "shifted": shifted, "root": root}
+
+
+@pytest.mark.parametrize("case", ["missing_mask", "two_d", "nan", "label_geometry"])
+def test_bad_inputs_exit_2_with_one_line_and_no_output(case, bad_inputs, trained_model, tmp_path):
+    files = bad_inputs["files"]
+    mr, us, seg = files["moving_image"], files["fixed_image"], files["moving_label"]
+    named = {"missing_mask": mr, "two_d": bad_inputs["two_d"], "nan": bad_inputs["nan"],
+             "label_geometry": bad_inputs["shifted"]}[case]
+    if case == "missing_mask":
+        args = ["--moving_image", mr, "--fixed_image", us]
+    elif case == "two_d":
+        args = ["--moving_image", mr, "--fixed_image", bad_inputs["two_d"], "--moving_label", seg]
+    elif case == "nan":
+        args = ["--moving_image", mr, "--fixed_image", bad_inputs["nan"], "--moving_label", seg]
+    else:
+        args = ["--moving_image", mr, "--fixed_image", us, "--moving_label", bad_inputs["shifted"]]
+    parent = tmp_path / "results"
+    parent.mkdir()
+    run = _cli(*args, "--model", trained_model[0], "--output_dir", parent / "out")
+    assert run.returncode == 2, run.stderr
+    errors = _error_lines(run.stderr)
+    assert len(errors) == 1 and str(named) in errors[0], run.stderr
+    if case == "missing_mask":
+        assert "gland mask" in errors[0] and "MIX+" in errors[0]
+    assert list(parent.iterdir()) == []
