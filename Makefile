@@ -44,6 +44,23 @@ train-all-folds: install check-data
 	    --model_dir=$(RUNS)/$(call RUN_NAME,$(EXPERIMENT),$$fold) --fold=$$fold $(EXTRA) || exit $$?; \
 	done
 
+# Score a trained run on its validation fold, and export it for TF Serving:
+#   make evaluate MODEL=runs/mixplus_cpu_fold0 [EVAL_OUT=eval/mixplus_cpu_fold0]
+#   make export MODEL=runs/mixplus_cpu_fold0 [SERVING_OUT=serving/label_reg]
+MODEL       ?= $(RUNS)/mixplus_cpu_fold0
+EVAL_OUT    ?= eval/$(notdir $(MODEL))
+SERVING_OUT ?= serving/label_reg
+evaluate: install
+	$(LABEL_REG) evaluate --model=$(MODEL) --output_dir=$(EVAL_OUT) --figures
+
+export: install
+	$(LABEL_REG) export --model=$(MODEL) --output_dir=$(SERVING_OUT)
+
+# Speed and memory on this machine, one table (also written as CSV); see README "Benchmarks".
+BENCH_OUT ?= bench.csv
+bench: install
+	$(PY) tools/bench.py --output $(BENCH_OUT)
+
 # A newcomer's first run: phantoms -> short MIX+ training -> registration of held-out phantoms -> table.
 DEMO_OUT ?= demo_out
 demo: install
