@@ -24,7 +24,9 @@ every ``BatchNormalization`` layer whose inference-mode affine ``y = a * x + c``
 
 The folded model gives the DDF of ``model(x, training=False)`` up to float32 rounding (~1e-6 relative), has the
 same dict inputs and output, and is for inference only (it has no BN layers to train). Convolutions are written with
-``tf.nn`` ops and ``BiasAdd`` so TensorFlow's graph rewrite can fuse convolution, bias and LeakyReLU into one kernel.
+``tf.nn`` ops and ``BiasAdd`` so TensorFlow's graph rewrite can fuse convolution, bias and LeakyReLU into one kernel;
+the LeakyReLU that closes a residual block is written as ``max(s, 0.1 s)`` because TF 2.21's oneDNN rewrite fuses
+Conv3D + BiasAdd + Add + LeakyRelu into a kernel that ignores ``alpha`` (see :class:`AddLeakyReLU`).
 
 :func:`inference_function` wraps a model's forward pass in a ``tf.function`` with a fixed input signature (batch
 dimension ``None``), traced once per process.

@@ -1,4 +1,4 @@
-"""tools/baselines.py on synthetic phantoms: the SDM B-spline improves on the pre-alignment, and the CSV is usable."""
+"""tools/baselines.py on synthetic phantoms: the SDM B-spline improves on the pre-alignment; transforms and CSV."""
 import importlib.util
 import pathlib
 import sys
@@ -11,7 +11,7 @@ from label_reg.preprocess import PreprocessConfig, preprocess_pair
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "baselines.py"
-CONFIG = PreprocessConfig(spacing_mm=3.0, shape=(32, 32, 32))
+CONFIG = PreprocessConfig(spacing_mm=4.0, shape=(24, 24, 24))  # small: the B-spline fit takes a few seconds
 
 
 def _load_tool():
@@ -33,18 +33,6 @@ def phantoms(tmp_path_factory):
     return datasets.discover_pairs(root)
 
 
-def test_sdm_bspline_beats_the_prealignment(phantoms):
-    per_case = baselines.run(phantoms, CONFIG, ["sdm"], fold=0, progress=False)
-    assert list(per_case["case"].unique()) == [p.name for p in phantoms]
-    coarse = per_case[per_case["method"] == baselines.COARSE].set_index("case")
-    sdm = per_case[per_case["method"] == baselines.METHODS["sdm"]].set_index("case")
-    assert (sdm["dsc"] > coarse["dsc"] + 0.02).all(), per_case[["case", "method", "dsc"]]
-    assert (sdm["dsc"] > 0.85).all()
-    assert (sdm["seconds"] > 0).all() and (coarse["seconds"] == 0).all()
-    assert np.isfinite(sdm["tre_mm"]).all() and np.isfinite(sdm["jacobian_gradient"]).all()
-    assert coarse["jacobian_gradient"].isna().all()
-
-
 def test_identity_transform_reproduces_the_coarse_scores(phantoms):
     import SimpleITK as sitk
     pre = preprocess_pair(phantoms[0], CONFIG)
@@ -61,15 +49,20 @@ def test_identity_transform_reproduces_the_coarse_scores(phantoms):
     np.testing.assert_array_equal(moved[:-1, ..., 0], pre.moving_label[1:, ..., 0])
 
 
-def test_command_line_writes_a_csv_that_compare_reads(phantoms, tmp_path, capsys):
+def test_sdm_bspline_beats_the_prealignment_and_compare_reads_the_csv(phantoms, tmp_path, capsys):
     from label_reg.compare import load_results
     root = phantoms[0].moving_image.parents[1]
     output = tmp_path / "baselines.csv"
-    assert baselines.main(["--data_dir", str(root), "--spacing_mm", "3", "--shape", "32", "32", "32",
+    assert baselines.main(["--data_dir", str(root), "--spacing_mm", "4", "--shape", "24", "24", "24",
                            "--num_folds", "2", "--fold", "1", "--methods", "sdm", "--output", str(output)]) == 0
-    loaded = load_results([output])
-    assert {"case", "method", "dsc", "tre_mm", "seconds"} <= set(loaded.columns)
-    assert sorted(loaded["method"]) == sorted([baselines.COARSE, baselines.METHODS["sdm"]])
-    assert loaded["case"].nunique() == 1
+    per_case = load_results([output])
+    assert {"case", "method", "dsc", "tre_mm", "seconds"} <= set(per_case.columns)
+    assert per_case["case"].nunique() == 1
+    coarse = per_case[per_case["method"] == baselines.COARSE].iloc[0]
+    sdm = per_case[per_case["method"] == baselines.METHODS["sdm"]].iloc[0]
+    assert sdm["dsc"] > coarse["dsc"] + 0.05 and sdm["dsc"] > 0.9, per_case[["method", "dsc"]]
+    assert sdm["seconds"] > 0 and coarse["seconds"] == 0
+    assert np.isfinite(sdm["tre_mm"]) and np.isfinite(sdm["jacobian_gradient"])
+    assert np.isnan(coarse["jacobian_gradient"])
     printed = capsys.readouterr().out
     assert baselines.METHODS["sdm"] in printed and "TRUS gland mask" in printed
