@@ -175,7 +175,7 @@ class Evaluator:
     def from_model_dir(cls, path):
         from label_reg import model_dir
 
-        model, info, config = model_dir.load(path)
+        model, info, config = model_dir.load(path, inference=True)
         return cls(model, info, config)
 
     def __call__(self, pre: Preprocessed):

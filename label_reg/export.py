@@ -17,7 +17,9 @@ the model's spacing, pre-aligned (MR gland centre of mass onto the TRUS centre),
 intensities clipped at the 99th percentile and scaled to [0, 1], masks 0/1; arrays in ITK index order (x, y, z).
 
 The model is rebuilt from code and only weight arrays are read (:func:`label_reg.model_dir.load`): nothing
-executable is loaded from the model directory (Keras ``safe_mode`` semantics). The version folder is written into a
+executable is loaded from the model directory (Keras ``safe_mode`` semantics). The exported graph is the
+batch-norm-folded network (:func:`label_reg.inference.fold_batchnorm`), which gives the trained model's inference DDF
+to float32 rounding. The version folder is written into a
 temporary folder and renamed into place, so a failed export leaves no partial version behind.
 """
 import contextlib
@@ -91,7 +93,7 @@ def export(model_dir, output_dir, version=1):
     if out.exists() and not out.is_dir():
         raise InputError(out, "exists and is not a directory")
     model_dir = pathlib.Path(model_dir)
-    model, info, _config = md.load(model_dir)
+    model, info, _config = md.load(model_dir, inference=True)
     build = info["build"]
     module, signatures = build_serving_module(model, build["moving_label_input"], build["image_shape"])
 

@@ -57,40 +57,32 @@ def sdm_msle(fixed_sdm, warped_sdm):
         tf.reshape(fixed_sdm, [batch, -1]), tf.reshape(warped_sdm, [batch, -1]))
 
 
-def _central_diff(x, axis):
-    """Central difference (x[i+1] - x[i-1]) / 2 along spatial ``axis`` (1..3); the result is 2 shorter there."""
-    n = tf.shape(x)[axis]
-    ahead = tf.gather(x, tf.range(2, n), axis=axis)
-    behind = tf.gather(x, tf.range(0, n - 2), axis=axis)
-    return (ahead - behind) / 2.0
+def _central_diff_wrapped(x, axis):
+    """Central difference (x[i+1] - x[i-1]) / 2 along spatial ``axis`` (1..3), same length, wrapping at the ends.
 
-
-def _crop(x, axis):
-    """Drop the first and last slice along ``axis`` so shapes match :func:`_central_diff`."""
-    n = tf.shape(x)[axis]
-    return tf.gather(x, tf.range(1, n - 1), axis=axis)
+    The wrapped values reach at most two voxels in from each end after two differences, and
+    :func:`bending_energy` crops those away. ``tf.roll`` keeps the backward pass cheap: with ``tf.gather`` or
+    strided slices per difference, the bending energy's gradient cost 4-18x more on CPU.
+    """
+    return (tf.roll(x, -1, axis) - tf.roll(x, 1, axis)) / 2.0
 
 
 def bending_energy(ddf):
     """Bending energy of a DDF (B, D0, D1, D2, 3), per sample (B,).
 
-    Mean over interior voxels and the three displacement components of
+    Mean over interior voxels (two voxels in from every face) and the three displacement components of
     u_xx^2 + u_yy^2 + u_zz^2 + 2 (u_xy^2 + u_xz^2 + u_yz^2), with second derivatives from central differences in
     voxel units. Exactly zero for any affine DDF (its second derivatives vanish); needs at least 5 voxels per axis.
     """
     ddf = tf.convert_to_tensor(ddf)
-    first = [_central_diff(ddf, a) for a in (1, 2, 3)]
+    first = [_central_diff_wrapped(ddf, axis) for axis in (1, 2, 3)]
     terms = []
     for i in range(3):
         for j in range(i, 3):
-            second = _central_diff(first[i], j + 1)
-            # Bring every term onto the common interior (each axis shortened by 4 in total).
-            for axis in range(1, 4):
-                shortened = (2 if axis == i + 1 else 0) + (2 if axis == j + 1 else 0)
-                for _ in range((4 - shortened) // 2):
-                    second = _crop(second, axis)
+            second = _central_diff_wrapped(first[i], j + 1)
             terms.append(second ** 2 if i == j else 2.0 * second ** 2)
-    return tf.reduce_mean(tf.add_n(terms), axis=[1, 2, 3, 4])
+    interior = tf.add_n(terms)[:, 2:-2, 2:-2, 2:-2, :]
+    return tf.reduce_mean(interior, axis=[1, 2, 3, 4])
 
 
 LOSSES = {

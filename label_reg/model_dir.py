@@ -72,8 +72,13 @@ def read_info(model_dir):
     return info, config
 
 
-def load(model_dir):
-    """Rebuild the network and load its best weights; returns (keras.Model, info dict, PreprocessConfig)."""
+def load(model_dir, inference=False):
+    """Rebuild the network and load its best weights; returns (keras.Model, info dict, PreprocessConfig).
+
+    ``inference=True`` returns the batch-norm-folded copy (:func:`label_reg.inference.fold_batchnorm`): the same DDF
+    as ``model(x, training=False)`` to float32 rounding, faster, and not trainable. ``register``, ``evaluate`` and
+    ``export`` use it.
+    """
     model_dir = pathlib.Path(model_dir)
     info, config = read_info(model_dir)
     weights = model_dir / WEIGHTS_FILE
@@ -85,4 +90,7 @@ def load(model_dir):
         model.load_weights(str(weights))
     except (OSError, ValueError) as err:
         raise InputError(weights, f"cannot load weights ({str(err).splitlines()[0]})") from None
+    if inference:
+        from label_reg.inference import fold_batchnorm
+        model = fold_batchnorm(model)
     return model, info, config

@@ -228,7 +228,7 @@ class Registrar:
         from label_reg import model_dir as md
         tf = _tf()
         self.model_dir = pathlib.Path(model_dir)
-        self.model, self.info, self.config = md.load(self.model_dir)
+        self.model, self.info, self.config = md.load(self.model_dir, inference=True)
         build = self.info["build"]
         self.moving_label_input = bool(build["moving_label_input"])
         self.image_shape = tuple(int(n) for n in build["image_shape"])

@@ -1,9 +1,11 @@
 """tools/baselines.py on synthetic phantoms: the SDM B-spline improves on the pre-alignment; transforms and CSV."""
 import importlib.util
 import pathlib
+import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from label_reg import datasets
@@ -66,3 +68,29 @@ def test_sdm_bspline_beats_the_prealignment_and_compare_reads_the_csv(phantoms, 
     assert np.isnan(coarse["jacobian_gradient"])
     printed = capsys.readouterr().out
     assert baselines.METHODS["sdm"] in printed and "TRUS gland mask" in printed
+
+
+def test_network_rows_beside_the_baselines_match_evaluate(trained_model, phantom_dir, tmp_path):
+    """--model scores the trained network on the same pairs, as label-reg evaluate does, with its seconds."""
+    from label_reg.evaluate import evaluate
+    model_dir, summary = trained_model
+    output = tmp_path / "net.csv"
+    assert baselines.main(["--data_dir", str(phantom_dir), "--spacing_mm", "3", "--shape", "32", "32", "32",
+                           "--methods", "", "--model", str(model_dir), "--output", str(output)]) == 0
+    rows = pd.read_csv(output)
+    net = rows[rows["method"] != baselines.COARSE].set_index("case")
+    assert len(net) == 4 and (net["seconds"] > 0).all() and net["method"].str.endswith("(label_reg)").all()
+    reference = evaluate(model_dir, tmp_path / "eval").per_case
+    reference = reference[reference["method"] != "Coarse"].set_index("case")
+    np.testing.assert_allclose(net.loc[reference.index, "dsc"], reference["dsc"], atol=1e-6)
+    assert net["dsc"].median() > rows[rows["method"] == baselines.COARSE]["dsc"].median()
+
+
+def test_a_model_for_another_grid_is_one_line_and_no_csv(trained_model, phantom_dir, tmp_path):
+    output = tmp_path / "net.csv"
+    run = subprocess.run([sys.executable, str(TOOL), "--data_dir", str(phantom_dir), "--methods", "",
+                          "--model", str(trained_model[0]), "--output", str(output)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines()[-1].startswith(f"baselines.py: error: {trained_model[0]}: was trained on")
+    assert not output.exists()

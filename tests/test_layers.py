@@ -50,6 +50,22 @@ def test_integer_shift_moves_volume_exactly(volume):
     assert np.all(out[:, -2:] == 0) and np.all(out[:, :, :, 0] == 0)
 
 
+@pytest.mark.parametrize("boundary", ["replicate", "zero"])
+def test_hand_written_gradients_match_finite_differences(boundary):
+    """sample_trilinear's custom gradient, for the image and the coordinates, against central differences (float64),
+    with points inside, near and outside the edges."""
+    import tensorflow as tf
+    rng = np.random.default_rng(11)
+    image = tf.constant(rng.normal(size=(2, 4, 5, 3, 2)))
+    coords = rng.uniform(-1.5, 5.5, size=(2, 3, 2, 2, 3))
+    coords = np.where(np.abs(coords - np.round(coords)) < 0.05, coords + 0.1, coords)  # away from the kinks
+    theoretical, numerical = tf.test.compute_gradient(lambda im, xyz: layers.sample_trilinear(im, xyz, boundary),
+                                                      [image, tf.constant(coords)], delta=1e-4)
+    for t, n in zip(theoretical, numerical):
+        np.testing.assert_allclose(t, n, atol=1e-6)
+    assert np.abs(theoretical[1]).max() > 0.1
+
+
 def test_warp_gradient_wrt_ddf_is_finite_and_nonzero(volume):
     ddf = tf.Variable(np.full(volume.shape[:4] + (3,), 0.3, np.float32))
     with tf.GradientTape() as tape:
@@ -89,6 +105,22 @@ def test_gaussian_smoothing_matches_scipy_and_sigma_zero_is_identity(volume):
         ref = ndimage.convolve1d(ref, taps, axis=axis, mode="constant", cval=0.0)
     np.testing.assert_allclose(out, ref, atol=1e-5)
     assert np.array_equal(layers.gaussian_smooth(volume, 0.0).numpy(), volume)
+
+
+@pytest.mark.parametrize("sigma", [1.0, 8.0])  # 8: the kernel (49 taps) is wider than the volume
+def test_banded_matrix_and_convolution_paths_agree_with_scipy(volume, sigma):
+    import tensorflow as tf
+    ref = volume.astype(np.float64)
+    for axis in (1, 2, 3):
+        ref = ndimage.convolve1d(ref, layers.gaussian_kernel1d(sigma).astype(np.float64), axis=axis,
+                                 mode="constant", cval=0.0)
+    static = layers.gaussian_smooth(tf.constant(volume), sigma).numpy()  # known sizes: banded matrix products
+    dynamic = tf.function(lambda v: layers.gaussian_smooth(v, sigma),  # unknown sizes: conv3d passes
+                          input_signature=[tf.TensorSpec([None] * 4 + [volume.shape[-1]], tf.float32)])
+    np.testing.assert_allclose(static, ref, atol=1e-5)
+    np.testing.assert_allclose(dynamic(tf.constant(volume)).numpy(), ref, atol=1e-5)
+    matrix = layers.gaussian_band_matrix(5, 1.0)
+    np.testing.assert_allclose(matrix[2], layers.gaussian_kernel1d(1.0)[1:6], atol=0)  # a row is the kernel
 
 
 def test_affine_from_corners_is_the_least_squares_fit():

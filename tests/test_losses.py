@@ -62,6 +62,34 @@ def test_bending_energy_zero_for_affine_and_positive_for_a_bump():
     assert losses.bending_energy(bump.astype(np.float32)[None]).numpy()[0] > 1e-4
 
 
+def test_bending_energy_equals_a_numpy_reference_and_its_gradient_is_finite():
+    import tensorflow as tf
+    ddf = np.random.default_rng(4).normal(size=(2, 9, 8, 7, 3))
+
+    def diff(x, axis):  # central difference along array axis 1..3, two shorter
+        n = x.shape[axis]
+        return (np.take(x, range(2, n), axis) - np.take(x, range(0, n - 2), axis)) / 2
+
+    def interior(x, shortened):  # crop to the common interior (every axis 4 shorter than the input)
+        for axis in (1, 2, 3):
+            trim = (4 - shortened.count(axis) * 2) // 2
+            x = np.take(x, range(trim, x.shape[axis] - trim), axis)
+        return x
+
+    total = 0
+    for i in (1, 2, 3):
+        for j in range(i, 4):
+            second = interior(diff(diff(ddf, i), j), [i, j])
+            total = total + (1 if i == j else 2) * second ** 2
+    expected = total.mean(axis=(1, 2, 3, 4))
+    np.testing.assert_allclose(losses.bending_energy(ddf.astype(np.float32)).numpy(), expected, rtol=1e-5)
+    variable = tf.Variable(ddf.astype(np.float32))
+    with tf.GradientTape() as tape:
+        energy = tf.reduce_sum(losses.bending_energy(variable))
+    grad = tape.gradient(energy, variable).numpy()
+    assert grad.shape == ddf.shape and np.isfinite(grad).all() and np.abs(grad).max() > 0
+
+
 def test_registration_loss_weights_and_registry():
     fixed = _sphere(SHAPE, (12, 12, 12), 5)[None, ..., None]
     sdm = np.zeros_like(fixed)

@@ -1,7 +1,7 @@
 """Iterative registration baselines on the pre-processed pairs the network sees (SPEC section 6).
 
     .venv/bin/python tools/baselines.py [--data_dir DIR] [--spacing_mm 1.76] [--shape 48 48 40] [--fold 0]
-        [--num_folds 5] [--methods sdm,mi] [--output baselines.csv] [--limit N] [--cache_dir DIR]
+        [--num_folds 5] [--methods sdm,mi] [--model MODEL_DIR] [--output baselines.csv] [--limit N] [--cache_dir DIR]
 
 For every validation case of the chosen fold (the same k-fold split as ``label-reg train``), pre-processed exactly as
 for the network (crop grid at ``--spacing_mm`` / ``--shape``, coarse pre-alignment included), this runs the
@@ -19,11 +19,15 @@ registrations a user would otherwise run, with SimpleITK, on the crop grid:
   30 s per pair and did no better). Needs no segmentation of the TRUS. Tried and dropped on the demo data: L-BFGS (diverges), gradient descent
   with learning-rate estimation (diverges, slow), an affine MI stage first (drifts further), a mask of the TRUS
   field of view (no better).
+* with ``--model``: the network (a ``label-reg train`` model directory) on the same pre-processed pairs, as
+  ``label-reg evaluate`` runs it (batch-norm-folded model, one traced ``tf.function``), so all rows share one table.
+  Its pre-processing settings must match ``--spacing_mm`` / ``--shape``.
 
 Each case is scored as the network is (:func:`label_reg.metrics.case_metrics`): gland DSC (and thirds), landmark
 TRE in mm (label channels >= 1 warped by the resulting transform, linear then >= 0.5, like the pre-processing),
 HD95, and ∇|J| / folding of the transform's displacement field; plus the registration's wall-clock ``seconds``
-(pre-processing excluded). The ``Coarse`` rows (pre-alignment only) are the same as ``label-reg evaluate``'s, so the
+(pre-processing excluded; for the network: the forward pass and the label warp, after one warm-up call that traces
+the graph). The ``Coarse`` rows (pre-alignment only) are the same as ``label-reg evaluate``'s, so the
 per-case CSV (columns ``case``, ``method``, ``fold``, the metric names, ``seconds``) can be passed to
 ``label-reg compare --results`` beside the network's. A table, mean (median) ± SD, is printed.
 """
@@ -157,6 +161,34 @@ def score_case(pre, method, fold=None):
     return row
 
 
+class NetworkMethod:
+    """A trained model directory scored like a baseline: (ddf, warped labels, seconds) per pre-processed pair."""
+
+    def __init__(self, model_dir, config):
+        from label_reg.errors import InputError
+        from label_reg.evaluate import Evaluator, method_name
+        self.evaluator = Evaluator.from_model_dir(model_dir)
+        own = self.evaluator.preprocess_config
+        if (tuple(own.shape), float(own.spacing_mm)) != (tuple(config.shape), float(config.spacing_mm)):
+            raise InputError(model_dir, f"was trained on {'x'.join(map(str, own.shape))} at {own.spacing_mm:g} mm; "
+                                        f"pass --spacing_mm {own.spacing_mm:g} --shape {' '.join(map(str, own.shape))}")
+        self.name = f"{method_name(self.evaluator.info)} (label_reg)"
+        self._warm = False
+
+    def row(self, pre, fold=None):
+        if not self._warm:  # trace the graph once, outside the timing
+            self.evaluator(pre)
+            self._warm = True
+        start = time.perf_counter()
+        ddf, warped = self.evaluator(pre)
+        seconds = time.perf_counter() - start
+        row = {"case": None, "method": self.name, "fold": fold}
+        row.update(metrics.case_metrics(pre.fixed_label, (warped >= 0.5).astype(np.float32), ddf,
+                                        tuple(float(v) for v in pre.grid.spacing)))
+        row["seconds"] = seconds
+        return row
+
+
 def coarse_row(pre, fold=None):
     spacing = tuple(float(s) for s in pre.grid.spacing)
     row = {"case": None, "method": COARSE, "fold": fold}
@@ -176,8 +208,9 @@ def summary(per_case):
     return table
 
 
-def run(pairs, config, methods, fold=None, progress=True, cache_dir=""):
-    """Per-case DataFrame for ``pairs`` (datasets.Pair with fixed labels) and the chosen ``methods``."""
+def run(pairs, config, methods, fold=None, progress=True, cache_dir="", network=None):
+    """Per-case DataFrame for ``pairs`` (datasets.Pair with fixed labels), the chosen ``methods`` and optionally a
+    :class:`NetworkMethod`."""
     cache = None
     if cache_dir:
         from label_reg.cache import CaseCache
@@ -190,12 +223,14 @@ def run(pairs, config, methods, fold=None, progress=True, cache_dir=""):
         else:
             pre = Preprocessed.from_arrays(cache.get_or_compute(pair, lambda p: preprocess_pair(p, config).to_arrays()))
         case_rows = [coarse_row(pre, fold)] + [score_case(pre, m, fold) for m in methods]
+        if network is not None:
+            case_rows.append(network.row(pre, fold))
         for row in case_rows:
             row["case"] = pair.name
         rows.extend(case_rows)
         if progress:
             text = ", ".join(f"{r['method'].split(' (')[0]} DSC {r['dsc']:.3f} TRE {r['tre_mm']:.1f} mm "
-                             f"{r['seconds']:.1f} s" for r in case_rows)
+                             f"{r['seconds']:.2f} s" for r in case_rows)
             print(f"[{i}/{len(pairs)}] {pair.name}: {text}", file=sys.stderr, flush=True)
     return pd.DataFrame(rows)
 
@@ -209,6 +244,7 @@ def main(argv=None):
     parser.add_argument("--num_folds", type=int, default=5)
     parser.add_argument("--split_seed", type=int, default=0)
     parser.add_argument("--methods", default="sdm,mi", help=f"comma-separated subset of {','.join(METHODS)}")
+    parser.add_argument("--model", default="", help="also score this label-reg model directory on the same pairs")
     parser.add_argument("--output", default="baselines.csv", help="per-case CSV (label-reg compare --results)")
     parser.add_argument("--limit", type=int, default=0, help="only the first N validation cases (0 = all)")
     parser.add_argument("--cache_dir", default="", help="pre-processing cache (as label-reg train --cache_dir)")
@@ -227,7 +263,8 @@ def main(argv=None):
     print(f"{len(chosen)} validation case(s) of fold {args.fold}/{args.num_folds} in {args.data_dir}, crop "
           f"{'x'.join(map(str, config.shape))} at {config.spacing_mm:g} mm; SimpleITK {sitk.Version.VersionString()}, "
           f"{sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()} thread(s)", file=sys.stderr)
-    per_case = run(chosen, config, methods, fold=args.fold, cache_dir=args.cache_dir)
+    network = NetworkMethod(args.model, config) if args.model else None
+    per_case = run(chosen, config, methods, fold=args.fold, cache_dir=args.cache_dir, network=network)
     output = pathlib.Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp")
@@ -247,4 +284,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from label_reg.errors import InputError
+    try:
+        sys.exit(main())
+    except InputError as err:  # one line, exit 2, and the CSV is only written at the end
+        print(f"baselines.py: error: {err}", file=sys.stderr)
+        sys.exit(2)
