@@ -273,7 +273,7 @@ class Registrar:
         t = time.perf_counter()
         names = {"moving_image": str(moving_image), "fixed_image": str(fixed_image),
                  "moving_label": str(moving_label)}
-        pre = preprocess_images(mr, mr_labels, us, None, self.config, names=names)
+        pre = preprocess_images(mr, mr_labels, us, None, self.config, names=names, sdm=False)
         timings["preprocess_s"] = time.perf_counter() - t
 
         t = time.perf_counter()

@@ -132,6 +132,16 @@ def test_pipeline_sdms_and_intensities(phantom_result):
         assert np.array_equal(sdm < 0, lab[..., 0] > 0)
 
 
+def test_without_sdms_everything_else_is_identical(phantom, phantom_result):
+    p = phantom
+    lean = preprocess.preprocess_images(p["moving_image"], p["moving_label"], p["fixed_image"], p["fixed_label"],
+                                        SMALL, sdm=False)
+    assert lean.moving_sdm is None and lean.fixed_sdm is None
+    for key in ("moving_image", "fixed_image", "moving_label", "fixed_label"):
+        assert np.array_equal(getattr(lean, key), getattr(phantom_result, key)), key
+    assert np.array_equal(lean.translation_mm, phantom_result.translation_mm) and lean.grid == phantom_result.grid
+
+
 def test_non_identity_direction_and_origin():
     rot = _rotation([1, -2, 0.5], 30)
     pair = synthetic.make_pair(np.random.default_rng(4), us_direction=tuple(rot.ravel()),
