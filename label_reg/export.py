@@ -19,8 +19,8 @@ intensities clipped at the 99th percentile and scaled to [0, 1], masks 0/1; arra
 The model is rebuilt from code and only weight arrays are read (:func:`label_reg.model_dir.load`): nothing
 executable is loaded from the model directory (Keras ``safe_mode`` semantics). The exported graph is the
 batch-norm-folded network (:func:`label_reg.inference.fold_batchnorm`), which gives the trained model's inference DDF
-to float32 rounding. The version folder is written into a
-temporary folder and renamed into place, so a failed export leaves no partial version behind.
+to float32 rounding. The version folder is written into a temporary folder and renamed into place, so a failed
+export leaves no partial version behind.
 """
 import contextlib
 import os

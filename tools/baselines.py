@@ -8,17 +8,16 @@ for the network (crop grid at ``--spacing_mm`` / ``--shape``, coarse pre-alignme
 registrations a user would otherwise run, with SimpleITK, on the crop grid:
 
 * ``B-spline SDM``: free-form B-spline registration of the moving (MR) gland SDM to the fixed (TRUS) gland SDM,
-  mean squares (every voxel), L-BFGS (30 iterations per level), three resolutions (shrink
-  4, 2, 1; smoothing 2, 1, 0 voxels) with the control grid refined at each (mesh 3 -> 6 -> 12 spans along the
-  longest axis). It needs the TRUS gland mask at registration
-  time, which the network does not: an upper bound on what gland-surface matching gives, not a deployable
-  competitor.
+  mean squares (every voxel), L-BFGS (30 iterations per level), three resolutions (shrink 4, 2, 1; smoothing 2,
+  1, 0 voxels) with the control grid refined at each (mesh 3 -> 6 -> 12 spans along the longest axis). It needs
+  the TRUS gland mask at registration time, which the network does not: an upper bound on what gland-surface
+  matching gives, not a deployable competitor.
 * ``B-spline MI``: the same B-spline schedule on the images themselves (MR -> TRUS), Mattes mutual information
   (32 bins, regular 25 % sampling), regular-step gradient descent (at most one voxel per step, 25 iterations per
   level), control grid refined to 6 spans only (Mattes' derivative costs bins^2 x parameters; 12 spans took
-  30 s per pair and did no better). Needs no segmentation of the TRUS. Tried and dropped on the demo data: L-BFGS (diverges), gradient descent
-  with learning-rate estimation (diverges, slow), an affine MI stage first (drifts further), a mask of the TRUS
-  field of view (no better).
+  30 s per pair and did no better). Needs no segmentation of the TRUS. Tried and dropped on the demo data: L-BFGS
+  (diverges), gradient descent with learning-rate estimation (diverges, slow), an affine MI stage first (drifts
+  further), a mask of the TRUS field of view (no better).
 * with ``--model``: the network (a ``label-reg train`` model directory) on the same pre-processed pairs, as
   ``label-reg evaluate`` runs it (batch-norm-folded model, one traced ``tf.function``), so all rows share one table.
   Its pre-processing settings must match ``--spacing_mm`` / ``--shape``.

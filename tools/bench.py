@@ -20,6 +20,8 @@ Measurements (``--only`` takes these names):
 * ``train_full``, ``train_cpu``: training samples/s, batch 5, through the real ``Trainer`` step (its tf.data
   pipeline, MirroredStrategy, loss, optimizer) on synthetic ellipsoid phantoms made in memory, at 96x96x80 and at the
   CPU preset (48x48x40, 1.76 mm; experiments/cpu.flags); the first steps (tracing) are left out.
+* ``loss_full``, ``loss_cpu``: seconds per batch of the loss side of that step alone (both warps, the loss, and its
+  gradient to the DDF), so the step splits into network and loss.
 * ``pipeline_full``, ``pipeline_cpu``: samples/s of ``data.training_dataset`` alone (augmentation on), same data.
 * ``register_cold``: wall-clock seconds of one ``label-reg register`` process per pair (start-up, model load,
   tracing, registration, writing). ``register_warm``: seconds per pair with the model loaded once (what batch
@@ -61,6 +63,8 @@ MEASUREMENTS = {
     "forward_folded_cpu_b1": ("forward", {"folded": True, "batch": 1, **CPU}),
     "train_full": ("train", {"batch": 5, **FULL}),
     "train_cpu": ("train", {"batch": 5, **CPU}),
+    "loss_full": ("loss", {"batch": 5, **FULL}),
+    "loss_cpu": ("loss", {"batch": 5, **CPU}),
     "pipeline_full": ("pipeline", {"batch": 5, **FULL}),
     "pipeline_cpu": ("pipeline", {"batch": 5, **CPU}),
     "register_cold": ("register", {"cold": True}),
@@ -196,7 +200,8 @@ def _phantom_cases(shape, spacing_mm, count, seed=0):
 def work_train(options, batch, shape, spacing_mm):
     _tf(options)
     from label_reg.train import Trainer, TrainConfig
-    warmup, repeats = (2, max(2, options["repeats"] // 2)) if options["quick"] else (3, options["repeats"])
+    # 5 warm-up steps: with 3, one 96x96x80 run of 5 repeats spread over 1.44-2.13 samples/s (others: +-3 %)
+    warmup, repeats = (2, max(2, options["repeats"] // 2)) if options["quick"] else (5, options["repeats"])
     cases = _phantom_cases(shape, spacing_mm, 10)
     with tempfile.TemporaryDirectory(prefix="label_reg_bench_") as tmp:
         config = TrainConfig(data_dir=tmp, model_dir=os.path.join(tmp, "model"), batch_size=batch,
@@ -216,6 +221,42 @@ def work_train(options, batch, shape, spacing_mm):
             "unit": "samples/s", **_stats(rates), "first_call_s": first,
             "note": f"median step {sorted(times)[len(times) // 2]:.2f} s; real Trainer step (MIX+ loss, Adam, "
                     f"tf.data augmentation); {warmup} warm-up steps left out"}
+
+
+def work_loss(options, batch, shape, spacing_mm):
+    """The training step's loss side alone: both warps (label: zero boundary, SDM: replicate) and the MIX+ loss,
+    forward and backward to the DDF, on the phantom batch the pipeline delivers."""
+    tf = _tf(options)
+    from label_reg import data
+    from label_reg.layers import warp
+    from label_reg.losses import registration_loss
+    from label_reg.train import TrainConfig
+    config = TrainConfig(data_dir="", model_dir="")  # the experiment's loss weights (MIX+ by default)
+    cases = _phantom_cases(shape, spacing_mm, 10)
+    batch_arrays = next(iter(data.training_dataset(cases, batch, 2, seed=0, augment_scale=0.1)))
+    rng = tf.random.Generator.from_seed(0)
+    ddf = tf.Variable(rng.normal([batch] + list(shape) + [3]) * 2.0)
+
+    @tf.function
+    def loss_step():
+        with tf.GradientTape() as tape:
+            warped_label = warp(batch_arrays["moving_label"], ddf, "zero")
+            warped_sdm = warp(batch_arrays["moving_sdm"], ddf, "replicate")
+            terms = registration_loss(config.alpha, config.beta, batch_arrays["fixed_label"], warped_label,
+                                      batch_arrays["fixed_sdm"], warped_sdm, ddf)
+            total = tf.reduce_mean(terms["total"])
+        return tape.gradient(total, ddf)
+
+    start = time.perf_counter()
+    loss_step().numpy()
+    first = time.perf_counter() - start
+    for _ in range(2):
+        loss_step().numpy()
+    times = _timed(lambda: loss_step().numpy(), options["repeats"])
+    return {"quantity": f"loss fwd+bwd {'x'.join(map(str, shape))}, batch {batch}", "unit": "s/batch",
+            **_stats(times), "first_call_s": first,
+            "note": f"2 warps + loss (alpha {config.alpha:g}, beta {config.beta:g}) and its gradient to the DDF; "
+                    "compare with the training step's median step time"}
 
 
 def work_pipeline(options, batch, shape, spacing_mm):
@@ -333,8 +374,8 @@ def work_register(options, cold):
     return result
 
 
-WORKERS = {"matmul": work_matmul, "forward": work_forward, "train": work_train, "pipeline": work_pipeline,
-           "register": work_register}
+WORKERS = {"matmul": work_matmul, "forward": work_forward, "train": work_train, "loss": work_loss,
+           "pipeline": work_pipeline, "register": work_register}
 
 
 def run_worker(name, options):
