@@ -295,7 +295,8 @@ class Trainer:
         return {"steps": done, "seconds": elapsed,
                 "samples_per_second": done * self.global_batch / elapsed if done else float("nan"),
                 "loss_history": history, "validation_history": validations, "coarse": coarse, "last_validation": last_val,
-                "best_dsc": float(self.best_dsc.numpy()), "interrupted": self._stop}
+                "best_dsc": float(self.best_dsc.numpy()), "interrupted": self._stop,
+                "train_step_traces": int(self._train_step.experimental_get_tracing_count())}
 
     def _log_scalars(self, step, values, steps_per_second):
         tf = self.tf

@@ -70,6 +70,7 @@ def test_training_lowers_the_loss_and_beats_the_prealignment(trained_model):
     assert len(history) == 200
     assert np.mean(history[-20:]) < 0.8 * np.mean(history[:20])
     assert summary["best_dsc"] > summary["coarse"]["dsc"]
+    assert summary["train_step_traces"] == 1  # 200 steps and several validations, one traced training step
 
 
 def test_the_best_validation_model_is_the_one_kept(trained_model, tiny_train_config):
