@@ -96,69 +96,58 @@ class FusedConv3D(keras.layers.Layer):
                 "strides": self.strides, "transpose": self.transpose, "negative_slope": self.negative_slope}
 
 
-@keras.saving.register_keras_serializable(package="label_reg")
-class ChannelShift(keras.layers.Layer):
-    """``x + shift``, one constant per channel (last axis)."""
+class _PerChannel(keras.layers.Layer):
+    """Base of the folded model's per-channel constant layers: ``channels`` values per vector, not trained."""
 
     def __init__(self, channels, **kwargs):
         super().__init__(**kwargs)
         self.channels = int(channels)
 
+    def _vector(self, name, initializer):
+        return self.add_weight(name=name, shape=(self.channels,), initializer=initializer, trainable=False)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "channels": self.channels}
+
+
+@keras.saving.register_keras_serializable(package="label_reg")
+class ChannelShift(_PerChannel):
+    """``x + shift``, one constant per channel (last axis)."""
+
     def build(self, input_shape):
-        self.shift = self.add_weight(name="shift", shape=(self.channels,), initializer="zeros", trainable=False)
+        self.shift = self._vector("shift", "zeros")
 
     def call(self, inputs):
         return tf.nn.bias_add(inputs, self.shift)
 
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
-    def get_config(self):
-        return {**super().get_config(), "channels": self.channels}
-
 
 @keras.saving.register_keras_serializable(package="label_reg")
-class ChannelAffine(keras.layers.Layer):
+class ChannelAffine(_PerChannel):
     """``x * scale + shift``, one pair per channel (last axis): an inference-mode batch norm that could not fold."""
 
-    def __init__(self, channels, **kwargs):
-        super().__init__(**kwargs)
-        self.channels = int(channels)
-
     def build(self, input_shape):
-        self.scale = self.add_weight(name="scale", shape=(self.channels,), initializer="ones", trainable=False)
-        self.shift = self.add_weight(name="shift", shape=(self.channels,), initializer="zeros", trainable=False)
+        self.scale = self._vector("scale", "ones")
+        self.shift = self._vector("shift", "zeros")
 
     def call(self, inputs):
         return tf.nn.bias_add(inputs * self.scale, self.shift)
 
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
-    def get_config(self):
-        return {**super().get_config(), "channels": self.channels}
-
 
 @keras.saving.register_keras_serializable(package="label_reg")
-class AddShift(keras.layers.Layer):
+class AddShift(_PerChannel):
     """``sum(inputs) + shift``, one constant per channel: a skip connection with the shifts it carries."""
 
-    def __init__(self, channels, **kwargs):
-        super().__init__(**kwargs)
-        self.channels = int(channels)
-
     def build(self, input_shape):
-        self.shift = self.add_weight(name="shift", shape=(self.channels,), initializer="zeros", trainable=False)
+        self.shift = self._vector("shift", "zeros")
 
     def call(self, inputs):
-        total = tf.add_n(list(inputs)) if len(inputs) > 2 else inputs[0] + inputs[1]
-        return tf.nn.bias_add(total, self.shift)
+        return tf.nn.bias_add(tf.add_n(list(inputs)), self.shift)
 
     def compute_output_shape(self, input_shape):
         return input_shape[0]
-
-    def get_config(self):
-        return {**super().get_config(), "channels": self.channels}
 
 
 @keras.saving.register_keras_serializable(package="label_reg")

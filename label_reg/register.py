@@ -226,7 +226,7 @@ class Registrar:
     def __init__(self, model_dir):
         start = time.perf_counter()
         from label_reg import model_dir as md
-        tf = _tf()
+        from label_reg.inference import inference_function
         self.model_dir = pathlib.Path(model_dir)
         self.model, self.info, self.config = md.load(self.model_dir, inference=True)
         build = self.info["build"]
@@ -237,8 +237,7 @@ class Registrar:
                              f"pre-processing shape {tuple(self.config.shape)} differs from the network input "
                              f"shape {self.image_shape}")
         self.input_names = ("moving_image", "fixed_image") + (("moving_label",) if self.moving_label_input else ())
-        spec = {n: tf.TensorSpec((1,) + self.image_shape + (1,), tf.float32, name=n) for n in self.input_names}
-        self._forward = tf.function(lambda inputs: self.model(inputs, training=False), input_signature=[spec])
+        self._forward = inference_function(self.model, batch_size=1)
         self.load_seconds = time.perf_counter() - start
 
     # -- pieces ----------------------------------------------------------------------------------------------

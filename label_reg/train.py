@@ -123,6 +123,19 @@ def load_cases(pairs, preprocess_config, cache_dir="", progress=True):
     return cases
 
 
+def loss_terms(config, batch, ddf):
+    """The training loss for a batch dict and the network's DDF: warps the moving gland mask (zero boundary) and,
+    when ``config.beta > 0``, the moving SDM (replicate), then :func:`label_reg.losses.registration_loss`.
+    Returns (per-sample terms dict, warped moving label)."""
+    from label_reg.layers import warp
+    from label_reg.losses import registration_loss
+    warped_label = warp(batch["moving_label"], ddf, "zero")
+    warped_sdm = warp(batch["moving_sdm"], ddf, "replicate") if config.beta > 0 else None
+    terms = registration_loss(config.alpha, config.beta, batch["fixed_label"], warped_label, batch["fixed_sdm"],
+                              warped_sdm, ddf)
+    return terms, warped_label
+
+
 class Trainer:
     """Builds the strategy, model, optimizer, checkpoints and pipeline for a :class:`TrainConfig`; :meth:`run` trains."""
 
@@ -165,16 +178,12 @@ class Trainer:
 
     def _make_train_step(self):
         tf, strategy, config = self.tf, self.strategy, self.config
-        from label_reg.layers import warp
-        from label_reg.losses import registration_loss, soft_dice
+        from label_reg.losses import soft_dice
 
         def replica_step(batch):
             with tf.GradientTape() as tape:
                 ddf = self.model(self._model_inputs(batch), training=True)
-                warped_label = warp(batch["moving_label"], ddf, "zero")
-                warped_sdm = warp(batch["moving_sdm"], ddf, "replicate") if config.beta > 0 else None
-                terms = registration_loss(config.alpha, config.beta, batch["fixed_label"], warped_label,
-                                          batch["fixed_sdm"], warped_sdm, ddf)
+                terms, warped_label = loss_terms(config, batch, ddf)
                 loss = tf.nn.compute_average_loss(terms["total"], global_batch_size=self.global_batch)
             grads = tape.gradient(loss, self.model.trainable_variables)
             self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))

@@ -1,5 +1,4 @@
 """tools/baselines.py on synthetic phantoms: the SDM B-spline improves on the pre-alignment; transforms and CSV."""
-import importlib.util
 import pathlib
 import subprocess
 import sys
@@ -10,21 +9,13 @@ import pytest
 
 from label_reg import datasets
 from label_reg.preprocess import PreprocessConfig, preprocess_pair
+from tool_scripts import load_tool
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "baselines.py"
 CONFIG = PreprocessConfig(spacing_mm=4.0, shape=(24, 24, 24))  # small: the B-spline fit takes a few seconds
 
-
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("label_reg_baselines", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-baselines = _load_tool()
+baselines = load_tool("baselines.py", "label_reg_baselines")
 
 
 @pytest.fixture(scope="module")

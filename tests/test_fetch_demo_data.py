@@ -1,5 +1,4 @@
 """Tests for tools/fetch_demo_data.py: safe unpacking of a small synthetic archive, and a clean network failure."""
-import importlib.util
 import pathlib
 import subprocess
 import sys
@@ -9,6 +8,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from tool_scripts import load_tool
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "fetch_demo_data.py"
 FOLDERS = ("moving_images", "moving_labels", "fixed_images", "fixed_labels")
@@ -16,16 +17,7 @@ NUM_CASES = 13  # > 11, so part09 and part10 each hold one case (indices 9 and 1
 TOP = "example-data-mrus"
 UNREACHABLE = "http://127.0.0.1:9/x.zip"  # discard port, closed: connection refused
 
-
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("fetch_demo_data", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-fdd = _load_tool()
+fdd = load_tool("fetch_demo_data.py", "fetch_demo_data")
 
 
 def _names(n=NUM_CASES):

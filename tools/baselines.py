@@ -147,17 +147,22 @@ def register_case(pre, method):
     return transform, time.perf_counter() - start
 
 
-def score_case(pre, method, fold=None):
-    """Rows (dicts) for one case: the baseline ``method`` (``"sdm"``/``"mi"``), metrics and seconds."""
+def _row(pre, method, fold, warped, ddf, seconds):
+    """One per-case row: ``method``'s metrics against the fixed labels (``ddf`` None: no transform) and seconds.
+    ``case`` is filled in by :func:`run`."""
     spacing = tuple(float(s) for s in pre.grid.spacing)
-    transform, seconds = register_case(pre, method)
-    reference = to_sitk(pre.fixed_image, spacing[0])
-    warped = warp_labels(pre.moving_label, transform, reference)
-    ddf = displacement_voxels(transform, reference)
-    row = {"case": None, "method": METHODS[method], "fold": fold}
+    row = {"case": None, "method": method, "fold": fold}
     row.update(metrics.case_metrics(pre.fixed_label, warped, ddf, spacing))
     row["seconds"] = seconds
     return row
+
+
+def score_case(pre, method, fold=None):
+    """Rows (dicts) for one case: the baseline ``method`` (``"sdm"``/``"mi"``), metrics and seconds."""
+    transform, seconds = register_case(pre, method)
+    reference = to_sitk(pre.fixed_image, float(pre.grid.spacing[0]))
+    warped = warp_labels(pre.moving_label, transform, reference)
+    return _row(pre, METHODS[method], fold, warped, displacement_voxels(transform, reference), seconds)
 
 
 class NetworkMethod:
@@ -172,28 +177,18 @@ class NetworkMethod:
             raise InputError(model_dir, f"was trained on {'x'.join(map(str, own.shape))} at {own.spacing_mm:g} mm; "
                                         f"pass --spacing_mm {own.spacing_mm:g} --shape {' '.join(map(str, own.shape))}")
         self.name = f"{method_name(self.evaluator.info)} (label_reg)"
-        self._warm = False
 
     def row(self, pre, fold=None):
-        if not self._warm:  # trace the graph once, outside the timing
+        if not self.evaluator.predict_fn.experimental_get_tracing_count():  # trace once, outside the timing
             self.evaluator(pre)
-            self._warm = True
         start = time.perf_counter()
         ddf, warped = self.evaluator(pre)
         seconds = time.perf_counter() - start
-        row = {"case": None, "method": self.name, "fold": fold}
-        row.update(metrics.case_metrics(pre.fixed_label, (warped >= 0.5).astype(np.float32), ddf,
-                                        tuple(float(v) for v in pre.grid.spacing)))
-        row["seconds"] = seconds
-        return row
+        return _row(pre, self.name, fold, (warped >= 0.5).astype(np.float32), ddf, seconds)
 
 
 def coarse_row(pre, fold=None):
-    spacing = tuple(float(s) for s in pre.grid.spacing)
-    row = {"case": None, "method": COARSE, "fold": fold}
-    row.update(metrics.case_metrics(pre.fixed_label, pre.moving_label, None, spacing))
-    row["seconds"] = 0.0
-    return row
+    return _row(pre, COARSE, fold, pre.moving_label, None, 0.0)
 
 
 # ------------------------------------------------------------------------------------------------ tables

@@ -2,6 +2,7 @@
 
     .venv/bin/python tools/bench.py --output bench.csv [--quick] [--only NAME[,NAME]] [--repeats N]
         [--model_dir DIR] [--data_dir DIR] [--intra_op_threads N] [--inter_op_threads N] [--disable_remapper]
+        [--jit_compile]
 
 Prints ONE table and writes it as CSV. Each measurement runs in its own Python subprocess, so its peak resident
 memory (``ru_maxrss``; for the cold CLI, of the ``label-reg`` child processes) is its own, and nothing it traced or
@@ -21,7 +22,9 @@ Measurements (``--only`` takes these names):
   pipeline, MirroredStrategy, loss, optimizer) on synthetic ellipsoid phantoms made in memory, at 96x96x80 and at the
   CPU preset (48x48x40, 1.76 mm; experiments/cpu.flags); the first steps (tracing) are left out.
 * ``loss_full``, ``loss_cpu``: seconds per batch of the loss side of that step alone (both warps, the loss, and its
-  gradient to the DDF), so the step splits into network and loss.
+  gradient to the DDF), so the step splits into network and loss. ``warp_cpu``, ``bending_cpu``,
+  ``smoothing_cpu``: its three costly pieces alone, forward and backward, batch 5 at the CPU preset (one warp with
+  the zero boundary; the bending energy; Gaussian smoothing at the four non-zero scales of the multi-scale Dice).
 * ``pipeline_full``, ``pipeline_cpu``: samples/s of ``data.training_dataset`` alone (augmentation on), same data.
 * ``register_cold``: wall-clock seconds of one ``label-reg register`` process per pair (start-up, model load,
   tracing, registration, writing). ``register_warm``: seconds per pair with the model loaded once (what batch
@@ -65,6 +68,9 @@ MEASUREMENTS = {
     "train_cpu": ("train", {"batch": 5, **CPU}),
     "loss_full": ("loss", {"batch": 5, **FULL}),
     "loss_cpu": ("loss", {"batch": 5, **CPU}),
+    "warp_cpu": ("loss_part", {"part": "warp", "batch": 5, **CPU}),
+    "bending_cpu": ("loss_part", {"part": "bending", "batch": 5, **CPU}),
+    "smoothing_cpu": ("loss_part", {"part": "smoothing", "batch": 5, **CPU}),
     "pipeline_full": ("pipeline", {"batch": 5, **FULL}),
     "pipeline_cpu": ("pipeline", {"batch": 5, **CPU}),
     "register_cold": ("register", {"cold": True}),
@@ -140,7 +146,7 @@ def work_forward(options, folded, batch, shape, spacing_mm):
         model = inference.fold_batchnorm(model)
     rng = np.random.default_rng(0)
     inputs = {k: tf.constant(rng.random((batch,) + tuple(shape) + (1,), dtype=np.float32)) for k in model.input}
-    forward = inference.inference_function(model)
+    forward = inference.inference_function(model, jit_compile=options.get("jit_compile", False))
     start = time.perf_counter()
     forward(inputs).numpy()
     first = time.perf_counter() - start
@@ -228,9 +234,7 @@ def work_loss(options, batch, shape, spacing_mm):
     forward and backward to the DDF, on the phantom batch the pipeline delivers."""
     tf = _tf(options)
     from label_reg import data
-    from label_reg.layers import warp
-    from label_reg.losses import registration_loss
-    from label_reg.train import TrainConfig
+    from label_reg.train import TrainConfig, loss_terms
     config = TrainConfig(data_dir="", model_dir="")  # the experiment's loss weights (MIX+ by default)
     cases = _phantom_cases(shape, spacing_mm, 10)
     batch_arrays = next(iter(data.training_dataset(cases, batch, 2, seed=0, augment_scale=0.1)))
@@ -240,11 +244,7 @@ def work_loss(options, batch, shape, spacing_mm):
     @tf.function
     def loss_step():
         with tf.GradientTape() as tape:
-            warped_label = warp(batch_arrays["moving_label"], ddf, "zero")
-            warped_sdm = warp(batch_arrays["moving_sdm"], ddf, "replicate")
-            terms = registration_loss(config.alpha, config.beta, batch_arrays["fixed_label"], warped_label,
-                                      batch_arrays["fixed_sdm"], warped_sdm, ddf)
-            total = tf.reduce_mean(terms["total"])
+            total = tf.reduce_mean(loss_terms(config, batch_arrays, ddf)[0]["total"])
         return tape.gradient(total, ddf)
 
     start = time.perf_counter()
@@ -257,6 +257,38 @@ def work_loss(options, batch, shape, spacing_mm):
             **_stats(times), "first_call_s": first,
             "note": f"2 warps + loss (alpha {config.alpha:g}, beta {config.beta:g}) and its gradient to the DDF; "
                     "compare with the training step's median step time"}
+
+
+def work_loss_part(options, part, batch, shape, spacing_mm):
+    """One piece of the loss, forward and backward, on random data of the training batch's shape."""
+    tf = _tf(options)
+    from label_reg import layers, losses
+    rng = tf.random.Generator.from_seed(0)
+    volume = list(shape)
+    ddf = tf.Variable(rng.normal([batch] + volume + [3]) * 2.0)
+    mask = tf.Variable(tf.cast(rng.uniform([batch] + volume + [1]) > 0.5, tf.float32))
+    if part == "warp":
+        target, piece = ddf, lambda: layers.warp(mask, ddf, "zero")
+    elif part == "bending":
+        target, piece = ddf, lambda: losses.bending_energy(ddf)
+    elif part == "smoothing":
+        sigmas = [s for s in losses.DEFAULT_SIGMAS if s > 0]
+        target, piece = mask, lambda: tf.add_n([tf.reduce_sum(layers.gaussian_smooth(mask, s)) for s in sigmas])
+    else:
+        raise ValueError(f"unknown loss part {part!r}")
+
+    @tf.function
+    def step():
+        with tf.GradientTape() as tape:
+            value = tf.reduce_sum(tf.square(piece()))
+        return tape.gradient(value, target)
+
+    step().numpy()
+    for _ in range(2):
+        step().numpy()
+    times = _timed(lambda: step().numpy(), options["repeats"])
+    return {"quantity": f"{part} fwd+bwd {'x'.join(map(str, shape))}, batch {batch}", "unit": "s/batch",
+            **_stats(times), "note": "one piece of the training loss with its gradient"}
 
 
 def work_pipeline(options, batch, shape, spacing_mm):
@@ -375,7 +407,7 @@ def work_register(options, cold):
 
 
 WORKERS = {"matmul": work_matmul, "forward": work_forward, "train": work_train, "loss": work_loss,
-           "pipeline": work_pipeline, "register": work_register}
+           "loss_part": work_loss_part, "pipeline": work_pipeline, "register": work_register}
 
 
 def run_worker(name, options):
@@ -468,6 +500,7 @@ def main(argv=None):
     parser.add_argument("--inter_op_threads", type=int, default=0, help="tf.config.threading (0 = TF default)")
     parser.add_argument("--disable_remapper", action="store_true",
                         help="turn off Grappler's remapper (op fusion) in every measurement, to see what it buys")
+    parser.add_argument("--jit_compile", action="store_true", help="compile the forward rows with XLA")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per measurement")
     parser.add_argument("--_worker", help=argparse.SUPPRESS)
     parser.add_argument("--_options", help=argparse.SUPPRESS)
@@ -484,7 +517,7 @@ def main(argv=None):
     options = {"quick": bool(args.quick), "repeats": args.repeats or (3 if args.quick else 10),
                "model_dir": args.model_dir, "data_dir": args.data_dir,
                "intra_op_threads": args.intra_op_threads, "inter_op_threads": args.inter_op_threads,
-               "disable_remapper": bool(args.disable_remapper)}
+               "disable_remapper": bool(args.disable_remapper), "jit_compile": bool(args.jit_compile)}
     rows = []
     started = time.perf_counter()
     for name in names:
@@ -497,7 +530,7 @@ def main(argv=None):
         if reference and r.get("gflop_per_s") and r["name"] != "matmul":
             r["fraction_of_matmul"] = r["gflop_per_s"] / reference
     threads = (f"intra_op {args.intra_op_threads or 'default'}, inter_op {args.inter_op_threads or 'default'}"
-               + (", remapper off" if args.disable_remapper else ""))
+               + (", remapper off" if args.disable_remapper else "") + (", XLA forward" if args.jit_compile else ""))
     print(f"\nlabel_reg bench: {os.cpu_count()} CPU(s), {threads}, {time.perf_counter() - started:.0f} s"
           + (" (--quick: smoke test, not a measurement)" if args.quick else ""))
     print_table(rows)
