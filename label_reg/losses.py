@@ -1,8 +1,9 @@
-"""Registration losses. Each returns a per-sample tensor of shape (B,); lower is better.
+"""Registration (and segmenter) losses. Each returns a per-sample tensor of shape (B,); lower is better.
 
 * :func:`multiscale_dice` - 1 minus the mean soft Dice over Gaussian scales (label similarity, the paper's L_mDSC).
 * :func:`sdm_msle` - mean squared logarithmic error between signed distance maps (the paper's L_SDM).
 * :func:`bending_energy` - second-order smoothness of a DDF (the paper's T).
+* :func:`segmentation_loss` - soft Dice + cross-entropy of the TRUS gland segmenter (:mod:`label_reg.segmenter`).
 
 :func:`registration_loss` combines them as L = alpha * mDSC + beta * SDM + (1 - alpha - beta) * bending.
 Every loss is registered by name in :data:`LOSSES` so a flag can pick it (:func:`get_loss`).
@@ -85,10 +86,24 @@ def bending_energy(ddf):
     return tf.reduce_mean(interior, axis=[1, 2, 3, 4])
 
 
+def segmentation_loss(label, probability):
+    """Gland segmentation loss of the TRUS segmenter, per sample (B,): (1 - soft Dice) + mean binary cross-entropy.
+
+    label: (B, D0, D1, D2[, 1]) 0/1 (or soft) mask; probability: same shape, sigmoid output in [0, 1] (clipped to
+    [1e-7, 1 - 1e-7] for the logarithms). Dice keeps a small gland from being drowned by the background;
+    cross-entropy gives a gradient on every voxel from the first step. Near zero for a confident perfect prediction.
+    """
+    label, probability = _with_channel(label), _with_channel(probability)
+    p = tf.clip_by_value(probability, 1e-7, 1.0 - 1e-7)
+    cross_entropy = -tf.reduce_mean(label * tf.math.log(p) + (1.0 - label) * tf.math.log(1.0 - p), axis=[1, 2, 3, 4])
+    return 1.0 - soft_dice(label, probability) + cross_entropy
+
+
 LOSSES = {
     "multiscale_dice": multiscale_dice,
     "sdm_msle": sdm_msle,
     "bending_energy": bending_energy,
+    "segmentation": segmentation_loss,
 }
 
 

@@ -2,19 +2,22 @@
 
 Given an MR (moving) and a TRUS (fixed) volume with their masks:
 
-1. **Crop grid.** ``config.shape`` voxels at ``config.spacing_mm`` isotropic, with the TRUS image's direction,
-   centred on the TRUS volume centre (the world point of continuous index (size - 1) / 2). This grid lives in
-   TRUS world space, so every output can be written back there.
-2. **Coarse pre-alignment.** The MR is translated (no rotation) so that the centre of mass of its gland mask
-   (channel 0, world mm) lands on the TRUS centre: ``t = com_MR - centre_TRUS`` and the MR value at crop-grid
-   world point p is ``MR(p + t)``.
-3. **Resampling**, once, from each original grid straight onto the crop grid (equivalent to "resample to
+1. **Anchor.** The TRUS point the MR gland is put on, by ``config.prealign``: ``trus_centre`` (the paper) is the
+   TRUS volume centre (the world point of continuous index (size - 1) / 2); ``trus_gland`` is the centre of mass of
+   the TRUS gland, given by the caller as ``fixed_centre_mm`` (at test time the segmenter's estimate,
+   :mod:`label_reg.segmenter`) or, when not given, computed from the TRUS gland mask (training, with masks).
+2. **Crop grid.** ``config.shape`` voxels at ``config.spacing_mm`` isotropic, with the TRUS image's direction,
+   centred on the anchor. This grid lives in TRUS world space, so every output can be written back there.
+3. **Coarse pre-alignment.** The MR is translated (no rotation) so that the centre of mass of its gland mask
+   (channel 0, world mm) lands on the anchor: ``t = com_MR - anchor`` and the MR value at crop-grid world point p
+   is ``MR(p + t)``.
+4. **Resampling**, once, from each original grid straight onto the crop grid (equivalent to "resample to
    0.88 mm, translate, resample onto the TRUS grid, crop", without interpolating twice): images with cubic
    B-spline, masks with linear interpolation then ``>= 0.5``. Outside a source's field of view the output is
    0 (zero padding where the TRUS is smaller than the crop).
-4. **Intensities.** Each image is clipped to [its minimum, its ``clip_percentile`` percentile] (both computed over
+5. **Intensities.** Each image is clipped to [its minimum, its ``clip_percentile`` percentile] (both computed over
    its original voxels; B-spline ringing below the minimum is clamped too) and scaled linearly to [0, 1].
-5. **Signed distance maps** of the gland masks on the crop grid: Euclidean, mm, positive outside, negative
+6. **Signed distance maps** of the gland masks on the crop grid: Euclidean, mm, positive outside, negative
    inside. Boundary convention: the surface lies halfway between an inside and an outside voxel centre, i.e. an
    outside voxel holds (distance to the nearest inside voxel centre) - s/2 and an inside voxel holds
    -((distance to the nearest outside voxel centre) - s/2), s the (smallest) grid spacing. No voxel is exactly 0.
@@ -40,17 +43,20 @@ __all__ = [
 ]
 
 THRESHOLD = 0.5
+PREALIGN_MODES = ("trus_centre", "trus_gland")
 
 
 # ------------------------------------------------------------------------------------------------ config
 @dataclasses.dataclass(frozen=True)
 class PreprocessConfig:
     """``spacing_mm``: isotropic voxel size of the crop grid; ``shape``: crop size (x, y, z) in voxels;
-    ``clip_percentile``: upper intensity clip, percent of each image's original voxels."""
+    ``clip_percentile``: upper intensity clip, percent of each image's original voxels; ``prealign``: the TRUS
+    anchor of the coarse pre-alignment, ``trus_centre`` (the paper) or ``trus_gland`` (see the module docstring)."""
 
     spacing_mm: float = 0.88
     shape: tuple = (96, 96, 80)
     clip_percentile: float = 99.0
+    prealign: str = "trus_centre"
 
     def __post_init__(self):
         spacing = float(self.spacing_mm)
@@ -65,9 +71,12 @@ class PreprocessConfig:
         object.__setattr__(self, "spacing_mm", spacing)
         object.__setattr__(self, "shape", shape)
         object.__setattr__(self, "clip_percentile", pct)
+        if self.prealign not in PREALIGN_MODES:
+            raise ValueError(f"prealign must be one of {', '.join(PREALIGN_MODES)}, got {self.prealign!r}")
 
     def to_dict(self) -> dict:
-        return {"spacing_mm": self.spacing_mm, "shape": list(self.shape), "clip_percentile": self.clip_percentile}
+        return {"spacing_mm": self.spacing_mm, "shape": list(self.shape), "clip_percentile": self.clip_percentile,
+                "prealign": self.prealign}
 
     @classmethod
     def from_dict(cls, d, source="preprocess config") -> "PreprocessConfig":
@@ -90,6 +99,10 @@ class PreprocessConfig:
         for key in ("spacing_mm", "clip_percentile"):
             if key in d:
                 kwargs[key] = number(key)
+        if "prealign" in d:  # absent in model directories written before it existed: the paper's trus_centre
+            if not isinstance(d["prealign"], str):
+                raise InputError(source, f"preprocess 'prealign' must be a string, got {d['prealign']!r}")
+            kwargs["prealign"] = d["prealign"]
         if "shape" in d:
             v = d["shape"]
             if (not isinstance(v, (list, tuple)) or len(v) != 3
@@ -165,13 +178,14 @@ class Preprocessed:
 
 
 # ------------------------------------------------------------------------------------------------ steps
-def crop_grid(fixed, config: PreprocessConfig = PreprocessConfig()) -> lio.Geometry:
+def crop_grid(fixed, config: PreprocessConfig = PreprocessConfig(), centre_mm=None) -> lio.Geometry:
     """The crop grid for a TRUS image (or its Geometry): ``config.shape`` voxels at ``config.spacing_mm``,
-    the TRUS direction, centred on the TRUS volume centre."""
+    the TRUS direction, centred on ``centre_mm`` (world mm, (3,); default the TRUS volume centre)."""
     geo = fixed if isinstance(fixed, lio.Geometry) else lio.Geometry.from_image(fixed)
     spacing = (config.spacing_mm,) * 3
     half = (np.asarray(config.shape, dtype=np.float64) - 1.0) / 2.0 * config.spacing_mm
-    origin = geo.center_world - geo.direction_matrix @ half
+    centre = geo.center_world if centre_mm is None else np.asarray(centre_mm, dtype=np.float64).reshape(3)
+    origin = centre - geo.direction_matrix @ half
     return lio.Geometry(config.shape, spacing, tuple(origin.tolist()), geo.direction)
 
 
@@ -278,7 +292,8 @@ def _check_labels(channels, image, label_name, image_name):
 
 
 def preprocess_images(mr_image: sitk.Image, mr_labels, us_image: sitk.Image, us_labels=None,
-                      config: PreprocessConfig = PreprocessConfig(), *, names=None, sdm=True) -> Preprocessed:
+                      config: PreprocessConfig = PreprocessConfig(), *, names=None, sdm=True,
+                      fixed_centre_mm=None) -> Preprocessed:
     """Pre-process one MR/TRUS pair given as SimpleITK images.
 
     ``mr_labels`` / ``us_labels``: list of K 3-D channel images (channel 0 = gland) on their image's grid, or one
@@ -286,6 +301,9 @@ def preprocess_images(mr_image: sitk.Image, mr_labels, us_image: sitk.Image, us_
     ``moving_label``, ``fixed_image``, ``fixed_label`` to file names for error messages. ``sdm=False`` skips the
     signed distance maps (``moving_sdm``/``fixed_sdm`` are None): registration needs none, and each costs about
     0.1 s at 96x96x80; such a result is for inference only (training and the cache need the maps).
+    ``fixed_centre_mm`` (3,) world mm: the TRUS gland centre for ``config.prealign == "trus_gland"`` (e.g. the
+    segmenter's estimate); without it that mode takes the centre of mass of ``us_labels`` channel 0. It is an
+    error to pass it in ``trus_centre`` mode.
     """
     mr_name, us_name = _source(mr_image, names, "moving_image"), _source(us_image, names, "fixed_image")
     mr_label_name, us_label_name = _source(None, names, "moving_label"), _source(None, names, "fixed_label")
@@ -300,9 +318,23 @@ def preprocess_images(mr_image: sitk.Image, mr_labels, us_image: sitk.Image, us_
         us_channels = _as_channels(us_labels)
         _check_labels(us_channels, us_image, us_label_name, us_name)
 
-    grid = crop_grid(us_image, config)
+    if config.prealign == "trus_gland":
+        if fixed_centre_mm is None:
+            if us_channels is None:
+                raise ValueError("prealign 'trus_gland' needs fixed_centre_mm (the segmenter's estimate) or the "
+                                 "TRUS gland mask")
+            fixed_centre_mm = gland_centre_of_mass(us_channels[0], us_label_name)
+        anchor = np.asarray(fixed_centre_mm, dtype=np.float64).reshape(3)
+        if not np.isfinite(anchor).all():
+            raise ValueError(f"fixed_centre_mm must be finite, got {fixed_centre_mm!r}")
+    elif fixed_centre_mm is not None:
+        raise ValueError("fixed_centre_mm is only used with prealign 'trus_gland'")
+    else:
+        anchor = None
+    grid = crop_grid(us_image, config, anchor)
     com = gland_centre_of_mass(mr_channels[0], mr_label_name)
     translation = com - grid.center_world
+    anchor_name = "TRUS centre" if anchor is None else "TRUS gland centre"
     spacing = grid.spacing
 
     mr_range = intensity_range(mr_image, config.clip_percentile, mr_name)
@@ -319,7 +351,7 @@ def preprocess_images(mr_image: sitk.Image, mr_labels, us_image: sitk.Image, us_
     if us_channels is not None:
         fixed_label = resample_labels(us_channels, grid)
         if not fixed_label[..., 0].any():
-            raise InputError(us_label_name, "prostate gland mask lies outside the crop around the TRUS centre "
+            raise InputError(us_label_name, f"prostate gland mask lies outside the crop around the {anchor_name} "
                                             f"({'x'.join(map(str, config.shape))} voxels at {config.spacing_mm:g} mm)")
         fixed_sdm = signed_distance_map(fixed_label[..., 0], spacing) if sdm else None
     return Preprocessed(moving_image=moving_image, fixed_image=fixed_image, moving_label=moving_label,
@@ -327,9 +359,9 @@ def preprocess_images(mr_image: sitk.Image, mr_labels, us_image: sitk.Image, us_
                         translation_mm=np.asarray(translation, dtype=np.float64))
 
 
-def preprocess_pair(pair, config: PreprocessConfig = PreprocessConfig()) -> Preprocessed:
+def preprocess_pair(pair, config: PreprocessConfig = PreprocessConfig(), fixed_centre_mm=None) -> Preprocessed:
     """Read a :class:`label_reg.datasets.Pair` through :mod:`label_reg.io` and pre-process it.
-    ``pair.fixed_label`` may be None."""
+    ``pair.fixed_label`` may be None; ``fixed_centre_mm`` as in :func:`preprocess_images`."""
     mr = lio.read_image(pair.moving_image)
     mr_labels = lio.read_label(pair.moving_label, reference=mr)
     us = lio.read_image(pair.fixed_image)
@@ -338,4 +370,4 @@ def preprocess_pair(pair, config: PreprocessConfig = PreprocessConfig()) -> Prep
         us_labels = lio.read_label(pair.fixed_label, reference=us)
     names = {"moving_image": pair.moving_image, "moving_label": pair.moving_label,
              "fixed_image": pair.fixed_image, "fixed_label": getattr(pair, "fixed_label", None)}
-    return preprocess_images(mr, mr_labels, us, us_labels, config, names=names)
+    return preprocess_images(mr, mr_labels, us, us_labels, config, names=names, fixed_centre_mm=fixed_centre_mm)
