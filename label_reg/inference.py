@@ -1,7 +1,8 @@
-"""Inference-only copy of a trained network with its batch normalisation folded away, and a fixed-signature forward.
+"""Inference-only copy of a trained network with its batch normalisation folded away, and its FLOP count.
 
-:func:`fold_batchnorm` rebuilds a :func:`label_reg.network.build_model` network from the same weights, removing
-every ``BatchNormalization`` layer whose inference-mode affine ``y = a * x + c`` (``a = gamma / sqrt(var + eps)``,
+:func:`fold_batchnorm` builds the :func:`label_reg.network.build_model` network again, with :class:`FoldedBlocks`
+making its layers from the trained model's weights (so the topology is written once, in :mod:`label_reg.network`),
+and removes every ``BatchNormalization`` layer whose inference-mode affine ``y = a * x + c`` (``a = gamma / sqrt(var + eps)``,
 ``c = beta - a * mean``, per channel) can be absorbed exactly. Which folds are exact, BN by BN:
 
 * **Residual blocks, conv -> BN** (``up*_res_bn1``, ``up*_res_bn2``): the BN is folded into the convolution that
@@ -36,13 +37,12 @@ import numpy as np
 import tensorflow as tf
 
 from label_reg import network
-from label_reg.layers import PadEnd, Resize3D
+from label_reg.layers import Resize3D
 
-__all__ = ["fold_batchnorm", "inference_function", "FusedConv3D", "ChannelShift", "ChannelAffine", "AddShift",
-           "AddLeakyReLU",
-           "bn_affine", "count_forward_flops"]
+__all__ = ["fold_batchnorm", "inference_function", "FoldedBlocks", "FusedConv3D", "ChannelShift", "ChannelAffine", "AddShift",
+           "AddLeakyReLU", "bn_affine", "count_forward_flops"]
 
-NEGATIVE_SLOPE = 0.1
+NEGATIVE_SLOPE = network.NEGATIVE_SLOPE
 
 
 # ------------------------------------------------------------------------------------------------ layers
@@ -191,14 +191,17 @@ def _conv_weights(layer):
     return kernel, bias
 
 
-class _Folder:
-    """Rebuilds the network layer by layer (names as in :mod:`label_reg.network`), tracking per tensor a pending
-    per-channel shift that has not been added yet (``None`` = nothing pending)."""
+class FoldedBlocks(network.Blocks):
+    """:class:`label_reg.network.Blocks` that make the folded inference layers from a trained ``model``'s weights
+    (found by the layer names the blocks use). A block's output may carry a per-channel shift that has not been
+    added yet (see the module docstring): it is added where a convolution first reads the tensor
+    (:meth:`_settle`), or summed into the skip connection that takes it."""
 
     def __init__(self, model):
         self.src = model
-        self.weights = []  # (layer, [arrays]) set after the model is built
-        self.report = {}
+        self.weights = []  # (layer, [arrays]) set once the model is built
+        self.report = {}  # BN layer name -> what became of it
+        self._pending = {}  # id(tensor) -> [tensor, shift, name of the layer that adds it, that layer's output]
 
     def layer(self, name):
         try:
@@ -211,43 +214,81 @@ class _Folder:
         self.weights.append((layer, [np.asarray(a, np.float32) for a in arrays]))
         return layer
 
-    def materialise(self, x, shift, name):
-        if shift is None:
-            return x
-        layer = self._place(ChannelShift(len(shift), name=name), [shift])
-        return layer(x)
+    def _carry(self, x, shift, name):
+        if shift is not None:
+            self._pending[id(x)] = [x, shift, name, None]
+        return x
 
-    def conv_act_bn(self, x, conv_name, bn_name, transpose=False):
-        """conv -> LeakyReLU -> BN: returns (tensor, pending shift)."""
+    def _settle(self, x):
+        """``x`` with its pending shift added (one layer, however many convolutions read it)."""
+        entry = self._pending.get(id(x))
+        if entry is None:
+            return x
+        if entry[3] is None:
+            entry[3] = self._place(ChannelShift(len(entry[1]), name=entry[2]), [entry[1]])(x)
+        return entry[3]
+
+    def _conv_act_bn(self, x, conv_name, bn_name, transpose=False):
+        """conv -> LeakyReLU -> BN: returns (tensor, pending shift or None)."""
         conv, bn = self.layer(conv_name), self.layer(bn_name)
         kernel, bias = _conv_weights(conv)
         a, c = bn_affine(bn)
-        strides = int(conv.strides[0])
         fold = bool(np.all(a >= 0))
         if fold:
             kernel = kernel * (a[:, None] if transpose else a)  # transposed kernels are (k, k, k, out, in)
             bias = bias * a
-        fused = self._place(FusedConv3D(conv.filters, conv.kernel_size[0], strides=strides, transpose=transpose,
-                                        negative_slope=NEGATIVE_SLOPE, name=conv_name), [kernel, bias])
-        y = fused(x)
+        fused = self._place(FusedConv3D(conv.filters, conv.kernel_size[0], strides=int(conv.strides[0]),
+                                        transpose=transpose, negative_slope=NEGATIVE_SLOPE, name=conv_name),
+                            [kernel, bias])
+        y = fused(self._settle(x))
         if fold:
             self.report[bn_name] = "scale into the preceding convolution, shift carried forward"
             return y, c
         self.report[bn_name] = "kept as a per-channel affine (negative scale)"
         return self._place(ChannelAffine(len(a), name=bn_name), [a, c])(y), None
 
-    def conv_bn(self, x, conv_name, bn_name, negative_slope=None):
+    def _conv_bn(self, x, conv_name, bn_name, negative_slope=None):
         """conv -> BN (-> LeakyReLU): BN folded into the convolution."""
         conv, bn = self.layer(conv_name), self.layer(bn_name)
         kernel, bias = _conv_weights(conv)
         a, c = bn_affine(bn)
         self.report[bn_name] = "folded into the preceding convolution"
         fused = FusedConv3D(conv.filters, conv.kernel_size[0], negative_slope=negative_slope, name=conv_name)
-        return self._place(fused, [kernel * a, bias * a + c])(x)
+        return self._place(fused, [kernel * a, bias * a + c])(self._settle(x))
 
-    def conv(self, x, conv_name):
-        conv = self.layer(conv_name)
-        return self._place(FusedConv3D(conv.filters, conv.kernel_size[0], name=conv_name), _conv_weights(conv))(x)
+    # -- the blocks of label_reg.network.build_model -------------------------------------------------------
+    def conv_block(self, x, filters, name):
+        y, shift = self._conv_act_bn(x, f"{name}_conv", f"{name}_bn")
+        return self._carry(y, shift, f"{name}_shift")
+
+    def pool(self, x, name):
+        """max(x + c) = max(x) + c: a pending shift moves past the pooling, to be added 8x cheaper."""
+        y = keras.layers.MaxPooling3D(2, name=f"{name}_pool")(x)
+        entry = self._pending.get(id(x))
+        return y if entry is None else self._carry(y, entry[1], entry[2])
+
+    def up_block(self, x, filters, name):
+        y, shift = self._conv_act_bn(x, f"{name}_tconv", f"{name}_bn", transpose=True)
+        return self._carry(y, shift, f"{name}_shift")
+
+    def skip(self, up, skip, name):
+        """The pending shifts of both inputs are added once, with their sum."""
+        shifts = [self._pending[id(t)][1] for t in (up, skip) if id(t) in self._pending]
+        if not shifts:
+            return keras.layers.Add(name=name)([up, skip])
+        total = np.sum(shifts, axis=0)
+        return self._place(AddShift(len(total), name=name), [total])([up, skip])
+
+    def residual_block(self, x, filters, name):
+        x = self._settle(x)
+        y = self._conv_bn(x, f"{name}_conv1", f"{name}_bn1", negative_slope=NEGATIVE_SLOPE)
+        y = self._conv_bn(y, f"{name}_conv2", f"{name}_bn2")
+        return AddLeakyReLU(NEGATIVE_SLOPE, name=f"{name}_act2")([x, y])
+
+    def ddf_head(self, x, name):
+        conv = self.layer(name)
+        return self._place(FusedConv3D(conv.filters, conv.kernel_size[0], name=name),
+                           _conv_weights(conv))(self._settle(x))
 
 
 def fold_batchnorm(model):
@@ -257,57 +298,19 @@ def fold_batchnorm(model):
     same dict inputs and DDF output as ``model``; ``model(x, training=False)`` and the result agree to float32
     rounding. The returned model has a ``fold_report`` attribute: {BN layer name: what became of it}.
     """
-    f = _Folder(model)
-    names = [n for n in network.INPUT_NAMES if n in model.input]
+    blocks = FoldedBlocks(model)
+    base_filters = int(blocks.layer("down0_conv").filters)
+    names = list(model.input)
     image_shape = tuple(int(n) for n in model.input[names[0]].shape[1:4])
-    base_filters = int(f.layer("down0_conv").filters)
-    levels = network.LEVELS
-    padded = network._padded(image_shape)
-
-    inputs = {n: keras.Input(shape=image_shape + (1,), name=n) for n in names}
-    x = keras.layers.Concatenate(name="input_stack")([inputs[n] for n in names])
-    if padded != image_shape:
-        x = PadEnd([p - n for n, p in zip(image_shape, padded)], name="pad_to_16")(x)
-
-    skips = []
-    for level in range(levels - 1):
-        x, shift = f.conv_act_bn(x, f"down{level}_conv", f"down{level}_bn")
-        skips.append((x, shift))
-        x = keras.layers.MaxPooling3D(2, name=f"down{level}_pool")(x)
-        x = f.materialise(x, shift, f"down{level}_shift")  # max(x + c) = max(x) + c: add it 8x cheaper
-    x, shift = f.conv_act_bn(x, "bottom_conv", "bottom_bn")
-    x = f.materialise(x, shift, "bottom_shift")
-
-    ddf = f.conv(x, f"ddf_level{levels - 1}")
-    for level in reversed(range(levels - 1)):
-        shape = tuple(n // 2 ** level for n in padded)
-        up, up_shift = f.conv_act_bn(x, f"up{level}_tconv", f"up{level}_bn", transpose=True)
-        skip, skip_shift = skips[level]
-        shifts = [s for s in (up_shift, skip_shift) if s is not None]
-        if shifts:
-            total = np.sum(shifts, axis=0)
-            x = f._place(AddShift(len(total), name=f"up{level}_skip"), [total])([up, skip])
-        else:
-            x = keras.layers.Add(name=f"up{level}_skip")([up, skip])
-        name = f"up{level}_res"
-        y = f.conv_bn(x, f"{name}_conv1", f"{name}_bn1", negative_slope=NEGATIVE_SLOPE)
-        y = f.conv_bn(y, f"{name}_conv2", f"{name}_bn2")
-        x = AddLeakyReLU(NEGATIVE_SLOPE, name=f"{name}_act2")([x, y])
-        ddf = keras.layers.Add(name=f"ddf_sum{level}")(
-            [Resize3D(shape, name=f"ddf_resize{level}")(ddf), f.conv(x, f"ddf_level{level}")])
-
-    if padded != image_shape:
-        ddf = keras.layers.Cropping3D(tuple((0, p - n) for n, p in zip(image_shape, padded)),
-                                      name="crop_from_16")(ddf)
-    ddf = keras.layers.Identity(name="ddf")(ddf)
-    folded = keras.Model(inputs=inputs, outputs=ddf, name=f"{model.name}_folded")
-    for layer, arrays in f.weights:
+    folded = network.build_model(image_shape, "moving_label" in names, base_filters, name=f"{model.name}_folded",
+                                 blocks=blocks)
+    for layer, arrays in blocks.weights:
         layer.set_weights(arrays)
     bns = sorted(l.name for l in model.layers if isinstance(l, keras.layers.BatchNormalization))
-    missing = sorted(set(bns) - set(f.report))
+    missing = sorted(set(bns) - set(blocks.report))
     if missing:
         raise ValueError(f"fold_batchnorm: batch norms not handled: {missing}")
-    folded.fold_report = dict(sorted(f.report.items()))
+    folded.fold_report = dict(sorted(blocks.report.items()))
     folded.base_filters = base_filters
     return folded
 

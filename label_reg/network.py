@@ -15,6 +15,10 @@ Architecture (the paper, section 2.3; SPEC section 2):
   MR gland mask) when ``moving_label_input=True`` (MIX+). The three-input switch is fixed at build time.
 * Output: the DDF (B, D0, D1, D2, 3) in voxels, used as ``moving(x + ddf(x))`` (see :class:`label_reg.layers.Warp`).
 
+The topology is written once, in :func:`build_model`; the layers of each block come from a :class:`Blocks` object.
+``Blocks`` makes the trainable Keras layers; :class:`label_reg.inference.FoldedBlocks` makes the batch-norm-folded
+inference layers from a trained model's weights, so the inference copy is the same network by construction.
+
 Spatial shapes that are not multiples of 16 are zero-padded at the far end of each axis inside the model and the
 DDF is cropped back, so any shape of at least 16 voxels per axis works.
 """
@@ -27,50 +31,79 @@ LEVELS = 5  # resolutions 1, 1/2, 1/4, 1/8, 1/16
 # inference-mode statistics far behind the weights for the first thousand steps.
 BN_MOMENTUM = 0.9
 INPUT_NAMES = ("moving_image", "fixed_image", "moving_label")
+BASE_FILTERS = 4  # the paper's filters at full resolution (4, doubled per level to 64)
+NEGATIVE_SLOPE = 0.1  # LeakyReLU
 
 
-def _padded(shape):
+def padded_shape(shape):
+    """The spatial shape rounded up to a multiple of 16 (the model pads to it inside and crops the DDF back)."""
     factor = 2 ** (LEVELS - 1)
     return tuple(-(-int(n) // factor) * factor for n in shape)
 
 
-def _conv_block(x, filters, kernel, name):
-    x = keras.layers.Conv3D(filters, kernel, padding="same", name=f"{name}_conv")(x)
-    x = keras.layers.LeakyReLU(negative_slope=0.1, name=f"{name}_act")(x)
-    return keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_bn")(x)
+class Blocks:
+    """The blocks :func:`build_model` assembles, as trainable Keras layers. Each method takes and returns
+    symbolic tensors (B, D0, D1, D2, C) and names its layers ``{name}_...`` (the names the weights files and
+    :class:`label_reg.inference.FoldedBlocks` rely on)."""
+
+    def conv_block(self, x, filters, name):
+        """Encoder level / bottom: Conv3D 4x4x4 (``{name}_conv``) -> LeakyReLU -> BatchNorm (``{name}_bn``)."""
+        x = keras.layers.Conv3D(filters, 4, padding="same", name=f"{name}_conv")(x)
+        x = keras.layers.LeakyReLU(negative_slope=NEGATIVE_SLOPE, name=f"{name}_act")(x)
+        return keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_bn")(x)
+
+    def pool(self, x, name):
+        """MaxPool3D stride 2 (``{name}_pool``): half the resolution."""
+        return keras.layers.MaxPooling3D(2, name=f"{name}_pool")(x)
+
+    def up_block(self, x, filters, name):
+        """Decoder up-sampling: Conv3DTranspose 4x4x4 stride 2 (``{name}_tconv``) -> LeakyReLU -> BatchNorm."""
+        x = keras.layers.Conv3DTranspose(filters, 4, strides=2, padding="same", name=f"{name}_tconv")(x)
+        x = keras.layers.LeakyReLU(negative_slope=NEGATIVE_SLOPE, name=f"{name}_act")(x)
+        return keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_bn")(x)
+
+    def skip(self, up, skip, name):
+        """The decoder's skip connection: ``up + skip``."""
+        return keras.layers.Add(name=name)([up, skip])
+
+    def residual_block(self, x, filters, name):
+        """Two 3x3x3 convolutions with batch norms, added to the input, then LeakyReLU."""
+        y = keras.layers.Conv3D(filters, 3, padding="same", name=f"{name}_conv1")(x)
+        y = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_bn1")(y)
+        y = keras.layers.LeakyReLU(negative_slope=NEGATIVE_SLOPE, name=f"{name}_act1")(y)
+        y = keras.layers.Conv3D(filters, 3, padding="same", name=f"{name}_conv2")(y)
+        y = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_bn2")(y)
+        y = keras.layers.Add(name=f"{name}_add")([x, y])
+        return keras.layers.LeakyReLU(negative_slope=NEGATIVE_SLOPE, name=f"{name}_act2")(y)
+
+    def ddf_head(self, x, name):
+        """Conv3D 3x3x3 to the 3 DDF channels, zero-initialised (the untrained model is the identity)."""
+        return keras.layers.Conv3D(3, 3, padding="same", kernel_initializer="zeros", bias_initializer="zeros",
+                                   name=name)(x)
 
 
-def _residual_block(x, filters, name):
-    y = keras.layers.Conv3D(filters, 3, padding="same", name=f"{name}_conv1")(x)
-    y = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_bn1")(y)
-    y = keras.layers.LeakyReLU(negative_slope=0.1, name=f"{name}_act1")(y)
-    y = keras.layers.Conv3D(filters, 3, padding="same", name=f"{name}_conv2")(y)
-    y = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_bn2")(y)
-    y = keras.layers.Add(name=f"{name}_add")([x, y])
-    return keras.layers.LeakyReLU(negative_slope=0.1, name=f"{name}_act2")(y)
-
-
-def _ddf_head(x, name):
-    return keras.layers.Conv3D(3, 3, padding="same", kernel_initializer="zeros", bias_initializer="zeros",
-                               name=name)(x)
-
-
-def build_model(image_shape=(96, 96, 80), moving_label_input=True, base_filters=4, name=None):
+def build_model(image_shape=None, moving_label_input=True, base_filters=BASE_FILTERS, name=None, blocks=None):
     """Build the registration U-Net (see the module docstring). Returns an uncompiled ``keras.Model``.
 
-    image_shape: spatial shape (D0, D1, D2) in voxels, each at least 16. moving_label_input: add the MR gland mask
-    as a third input (MIX+). base_filters: filters at full resolution (the paper: 4).
+    image_shape: spatial shape (D0, D1, D2) in voxels, each at least 16 (default: the pre-processing crop,
+    :class:`label_reg.preprocess.PreprocessConfig`). moving_label_input: add the MR gland mask as a third input
+    (MIX+). base_filters: filters at full resolution (the paper: 4). blocks: the :class:`Blocks` that make the
+    layers (default: trainable Keras layers).
     """
+    if image_shape is None:
+        from label_reg.preprocess import PreprocessConfig
+        image_shape = PreprocessConfig().shape
     image_shape = tuple(int(n) for n in image_shape)
     if len(image_shape) != 3 or min(image_shape) < 2 ** (LEVELS - 1):
         raise ValueError(f"image_shape must be 3 sizes of at least {2 ** (LEVELS - 1)} voxels, got {image_shape}")
     if int(base_filters) < 1:
         raise ValueError(f"base_filters must be >= 1, got {base_filters}")
+    blocks = Blocks() if blocks is None else blocks
     names = INPUT_NAMES if moving_label_input else INPUT_NAMES[:2]
     inputs = {n: keras.Input(shape=image_shape + (1,), name=n) for n in names}
     x = keras.layers.Concatenate(name="input_stack")([inputs[n] for n in names])
 
-    padded = _padded(image_shape)
+    padded = padded_shape(image_shape)
     padding = tuple((0, p - n) for n, p in zip(image_shape, padded))
     if padded != image_shape:
         x = PadEnd([after for _, after in padding], name="pad_to_16")(x)
@@ -78,21 +111,19 @@ def build_model(image_shape=(96, 96, 80), moving_label_input=True, base_filters=
     filters = [int(base_filters) * 2 ** level for level in range(LEVELS)]
     skips = []
     for level in range(LEVELS - 1):
-        x = _conv_block(x, filters[level], 4, f"down{level}")
+        x = blocks.conv_block(x, filters[level], f"down{level}")
         skips.append(x)
-        x = keras.layers.MaxPooling3D(2, name=f"down{level}_pool")(x)
-    x = _conv_block(x, filters[-1], 4, "bottom")
+        x = blocks.pool(x, f"down{level}")
+    x = blocks.conv_block(x, filters[-1], "bottom")
 
-    ddf = _ddf_head(x, f"ddf_level{LEVELS - 1}")
+    ddf = blocks.ddf_head(x, f"ddf_level{LEVELS - 1}")
     for level in reversed(range(LEVELS - 1)):
         shape = tuple(n // 2 ** level for n in padded)
-        x = keras.layers.Conv3DTranspose(filters[level], 4, strides=2, padding="same", name=f"up{level}_tconv")(x)
-        x = keras.layers.LeakyReLU(negative_slope=0.1, name=f"up{level}_act")(x)
-        x = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"up{level}_bn")(x)
-        x = keras.layers.Add(name=f"up{level}_skip")([x, skips[level]])
-        x = _residual_block(x, filters[level], f"up{level}_res")
+        x = blocks.up_block(x, filters[level], f"up{level}")
+        x = blocks.skip(x, skips[level], f"up{level}_skip")
+        x = blocks.residual_block(x, filters[level], f"up{level}_res")
         ddf = keras.layers.Add(name=f"ddf_sum{level}")(
-            [Resize3D(shape, name=f"ddf_resize{level}")(ddf), _ddf_head(x, f"ddf_level{level}")])
+            [Resize3D(shape, name=f"ddf_resize{level}")(ddf), blocks.ddf_head(x, f"ddf_level{level}")])
 
     if padded != image_shape:
         ddf = keras.layers.Cropping3D(padding, name="crop_from_16")(ddf)
