@@ -12,7 +12,8 @@ Conventions (see the package docstring):
   and the transform maps a point p of the field's grid to ``p + disp(p)``.
 
 Every problem with a user's file raises :class:`label_reg.errors.InputError` naming that file. Writes go
-through :func:`atomic_path`, so a failed write never leaves a partial output behind.
+through :func:`atomic_path` (one file) or :func:`atomic_dir` (a folder of outputs), so a failed write never leaves a
+partial output behind.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import gzip
 import math
 import os
 import pathlib
+import shutil
 import struct
 import uuid
 import zlib
@@ -41,6 +43,7 @@ __all__ = [
     "from_array",
     "labels_from_array",
     "atomic_path",
+    "atomic_dir",
     "write_image",
     "write_label",
     "write_displacement_field",
@@ -474,6 +477,69 @@ def atomic_path(path) -> Iterator[pathlib.Path]:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+
+
+@contextlib.contextmanager
+def atomic_dir(target, replace=False, owned=()) -> Iterator[pathlib.Path]:
+    """Yield a fresh hidden staging folder beside the folder ``target``; on success its contents are published
+    into ``target``, on an exception it is removed and ``target`` is untouched (no partial output).
+
+    Publishing: when ``target`` does not exist, one atomic rename. Otherwise, with ``replace=True``, the whole
+    folder is swapped (the old one is renamed aside, the staging folder renamed into place, the old one removed);
+    with ``replace=False`` the staged entries are merged in, each file by an atomic ``os.replace`` (sub-folders
+    merged the same way), other entries of ``target`` are kept, except names in ``owned`` that this run did not
+    produce, which are removed (a run's own outputs of an earlier run). Parent folders are created.
+    """
+    target = pathlib.Path(target)
+    if target.exists() and not target.is_dir():
+        raise InputError(target, "exists and is not a directory")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:12]}"
+    staging.mkdir()
+    try:
+        yield staging
+        if replace:
+            _swap_into_place(staging, target)
+        else:
+            _merge_into_place(staging, target, owned)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _swap_into_place(staging: pathlib.Path, target: pathlib.Path) -> None:
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:12]}"
+        os.rename(target, old)
+    try:
+        os.rename(staging, target)
+    except BaseException:
+        if old is not None:
+            with contextlib.suppress(OSError):
+                os.rename(old, target)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _merge_into_place(staging: pathlib.Path, target: pathlib.Path, owned=()) -> None:
+    try:
+        os.rename(staging, target)
+        return
+    except OSError:
+        if not target.is_dir():
+            raise
+    produced = {entry.name for entry in staging.iterdir()}
+    for entry in staging.iterdir():
+        if entry.is_dir() and (target / entry.name).is_dir():
+            _merge_into_place(entry, target / entry.name)
+        else:
+            os.replace(entry, target / entry.name)
+    for name in set(owned) - produced:
+        with contextlib.suppress(FileNotFoundError):
+            (target / name).unlink()
+    staging.rmdir()
 
 
 def _write(img: sitk.Image, path) -> None:

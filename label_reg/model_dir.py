@@ -10,34 +10,78 @@ Layout::
 
 Loading never runs code from the directory: the JSON is parsed and checked field by field (no eval, no pickles),
 the network is rebuilt from its known builder and only weight arrays are read from the ``.h5`` file.
+
+Which builder: ``label_reg.json`` may name a network kind (``"network"``); without it (every directory written by
+the registration trainer) it is ``registration``, :func:`label_reg.network.build_model`. Another kind of network
+plugs in with :func:`register_network` (its builder, a checker of its ``build`` section, and optionally an
+inference copy such as the batch-norm-folded one) and is saved with ``save(..., network=NAME)``.
 """
+import dataclasses
 import json
 import pathlib
+from typing import Callable, Optional
 
 from label_reg.errors import InputError
 from label_reg.io import atomic_path
-from label_reg.network import build_model
 from label_reg.preprocess import PreprocessConfig
 
 INFO_FILE = "label_reg.json"
 WEIGHTS_FILE = "model.weights.h5"
 FORMAT_VERSION = 1
+REGISTRATION = "registration"
 
 
-def save(model_dir, model, build_args, preprocess_config, extra=None):
-    """Write the weights and the JSON description atomically (weights first, so the JSON never names missing ones)."""
+@dataclasses.dataclass(frozen=True)
+class NetworkKind:
+    """How one kind of network is described and rebuilt.
+
+    build: ``build(**build_section) -> keras.Model``. check_build: ``check_build(build_section) -> dict``, the
+    section as written to JSON (plain types), raising TypeError/KeyError/ValueError when malformed. inference:
+    ``inference(model) -> keras.Model``, the copy ``load(..., inference=True)`` returns (None: the model itself).
+    """
+
+    build: Callable
+    check_build: Callable
+    inference: Optional[Callable] = None
+
+
+def _build_registration(**build):
+    from label_reg.network import build_model
+    return build_model(tuple(build["image_shape"]), build["moving_label_input"], build["base_filters"])
+
+
+def _check_registration(build):
+    shape = [int(n) for n in build["image_shape"]]
+    if len(shape) != 3 or not isinstance(build["moving_label_input"], bool):
+        raise ValueError("image_shape must be 3 sizes and moving_label_input a boolean")
+    return {"image_shape": shape, "moving_label_input": build["moving_label_input"],
+            "base_filters": int(build["base_filters"])}
+
+
+def _fold_registration(model):
+    from label_reg.inference import fold_batchnorm
+    return fold_batchnorm(model)
+
+
+NETWORKS = {REGISTRATION: NetworkKind(_build_registration, _check_registration, _fold_registration)}
+
+
+def register_network(name, build, check_build, inference=None):
+    """Make network kind ``name`` loadable (see :class:`NetworkKind`); returns it."""
+    NETWORKS[name] = NetworkKind(build, check_build, inference)
+    return NETWORKS[name]
+
+
+def save(model_dir, model, build_args, preprocess_config, extra=None, network=REGISTRATION):
+    """Write the weights and the JSON description atomically (weights first, so the JSON never names missing ones).
+    ``build_args`` are what the ``network`` kind's builder takes."""
     model_dir = pathlib.Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
+    build = NETWORKS[network].check_build(dict(build_args))
     with atomic_path(model_dir / WEIGHTS_FILE) as tmp:
         model.save_weights(str(tmp))
-    info = {
-        "format_version": FORMAT_VERSION,
-        "build": {"image_shape": [int(n) for n in build_args["image_shape"]],
-                  "moving_label_input": bool(build_args["moving_label_input"]),
-                  "base_filters": int(build_args["base_filters"])},
-        "preprocess": preprocess_config.to_dict(),
-        **(extra or {}),
-    }
+    info = {"format_version": FORMAT_VERSION, **({} if network == REGISTRATION else {"network": network}),
+            "build": build, "preprocess": preprocess_config.to_dict(), **(extra or {})}
     with atomic_path(model_dir / INFO_FILE) as tmp:
         tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     return info
@@ -55,12 +99,9 @@ def read_info(model_dir):
         raise InputError(path, f"unreadable model description ({err})") from None
     if not isinstance(info, dict) or info.get("format_version") != FORMAT_VERSION:
         raise InputError(path, f"unsupported model description (format_version must be {FORMAT_VERSION})")
-    build = info.get("build")
+    kind = network_kind(info, path)
     try:
-        shape = [int(n) for n in build["image_shape"]]
-        if len(shape) != 3 or not isinstance(build["moving_label_input"], bool):
-            raise ValueError
-        int(build["base_filters"])
+        kind.check_build(info.get("build"))
     except (TypeError, KeyError, ValueError):
         raise InputError(path, "malformed 'build' section") from None
     try:
@@ -72,25 +113,43 @@ def read_info(model_dir):
     return info, config
 
 
+def network_kind(info, source=INFO_FILE):
+    """The :class:`NetworkKind` a parsed ``label_reg.json`` names (registration when it names none)."""
+    name = info.get("network", REGISTRATION)
+    if not isinstance(name, str) or name not in NETWORKS:
+        raise InputError(source, f"unknown network {name!r} (known: {', '.join(sorted(NETWORKS))})")
+    return NETWORKS[name]
+
+
 def load(model_dir, inference=False):
     """Rebuild the network and load its best weights; returns (keras.Model, info dict, PreprocessConfig).
 
-    ``inference=True`` returns the batch-norm-folded copy (:func:`label_reg.inference.fold_batchnorm`): the same DDF
-    as ``model(x, training=False)`` to float32 rounding, faster, and not trainable. ``register``, ``evaluate`` and
-    ``export`` use it.
+    ``inference=True`` returns the network kind's inference copy: for registration the batch-norm-folded network
+    (:func:`label_reg.inference.fold_batchnorm`), the same DDF as ``model(x, training=False)`` to float32 rounding,
+    faster, and not trainable. ``register``, ``evaluate`` and ``export`` use it.
     """
     model_dir = pathlib.Path(model_dir)
     info, config = read_info(model_dir)
     weights = model_dir / WEIGHTS_FILE
     if not weights.is_file():
         raise InputError(model_dir, f"no {WEIGHTS_FILE} (has training validated at least once?)")
-    build = info["build"]
-    model = build_model(tuple(build["image_shape"]), build["moving_label_input"], build["base_filters"])
+    kind = network_kind(info)
+    model = kind.build(**info["build"])
     try:
         model.load_weights(str(weights))
     except (OSError, ValueError) as err:
         raise InputError(weights, f"cannot load weights ({str(err).splitlines()[0]})") from None
-    if inference:
-        from label_reg.inference import fold_batchnorm
-        model = fold_batchnorm(model)
+    if inference and kind.inference is not None:
+        model = kind.inference(model)
     return model, info, config
+
+
+def takes_moving_label(model_dir):
+    """Whether a model directory's registration network takes the MR mask as a third input (MIX+), from its JSON
+    alone, without TensorFlow; None when unreadable (:func:`read_info` reports why when the model is loaded)."""
+    try:
+        info = json.loads((pathlib.Path(model_dir) / INFO_FILE).read_text())
+        value = info["build"]["moving_label_input"]
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    return value if isinstance(value, bool) else None

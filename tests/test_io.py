@@ -277,6 +277,42 @@ def test_atomic_path_suffix_and_cleanup(tmp_path):
     assert os.listdir(target.parent) == ["warped.nii.gz"]
 
 
+def test_atomic_dir_merges_replaces_and_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out"
+    with io.atomic_dir(target) as staging:  # a new folder: one rename
+        assert staging.parent == tmp_path and staging.name.startswith(".out.tmp-")
+        (staging / "a.txt").write_text("a1")
+        (staging / "sub").mkdir()
+        (staging / "sub" / "x.png").write_text("x1")
+        assert not target.exists()
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+    (target / "user.txt").write_text("not ours")
+    (target / "b.txt").write_text("b0")
+
+    # Merge: staged entries replace their namesakes, sub-folders merge, owned names not produced go, others stay.
+    with io.atomic_dir(target, owned=("a.txt", "b.txt")) as staging:
+        (staging / "a.txt").write_text("a2")
+        (staging / "sub").mkdir()
+        (staging / "sub" / "y.png").write_text("y2")
+    assert sorted(os.listdir(target)) == ["a.txt", "sub", "user.txt"]
+    assert (target / "a.txt").read_text() == "a2" and sorted(os.listdir(target / "sub")) == ["x.png", "y.png"]
+
+    with pytest.raises(KeyError):  # a failure leaves the folder as it was and no staging folder
+        with io.atomic_dir(target, owned=("a.txt",)) as staging:
+            (staging / "a.txt").write_text("partial")
+            raise KeyError("boom")
+    assert (target / "a.txt").read_text() == "a2" and sorted(os.listdir(tmp_path)) == ["out"]
+
+    with io.atomic_dir(target, replace=True) as staging:  # replace: the whole folder swapped
+        (staging / "only.txt").write_text("new")
+    assert os.listdir(target) == ["only.txt"] and sorted(os.listdir(tmp_path)) == ["out"]
+
+    (tmp_path / "file").write_text("")
+    with pytest.raises(InputError, match="not a directory"):
+        with io.atomic_dir(tmp_path / "file"):
+            pass
+
+
 def test_failed_image_write_leaves_no_file(tmp_path, monkeypatch):
     img = _image(np.ones(OBLIQUE.size))
     target = tmp_path / "out.nii.gz"
