@@ -146,46 +146,24 @@ def world_tre_mm(fixed_centroids, moving_centroids, ddf, crop_grid, translation_
 
 # ------------------------------------------------------------------------------------------- model
 class Evaluator:
-    """A loaded model with one ``tf.function`` (fixed input signature, so it traces once) that predicts the DDF and
-    warps all label channels with it (zero boundary)."""
+    """A loaded model that predicts the DDF of a pre-processed pair and warps all its moving label channels with it
+    (trilinear, zero boundary), through one :class:`label_reg.predictor.Predictor` (one traced forward, one traced
+    warp)."""
 
-    def __init__(self, model, info, preprocess_config):
-        import tensorflow as tf
-
-        from label_reg.layers import warp
-
-        self.model, self.info, self.preprocess_config = model, info, preprocess_config
-        self.with_label = bool(info["build"]["moving_label_input"])
-        self.input_names = ["moving_image", "fixed_image"] + (["moving_label"] if self.with_label else [])
-        shape = tuple(int(n) for n in info["build"]["image_shape"])
-        if shape != tuple(preprocess_config.shape):
-            raise InputError("model", f"network shape {shape} differs from the pre-processing crop "
-                                      f"{tuple(preprocess_config.shape)}")
-        specs = {n: tf.TensorSpec((1,) + shape + (1,), tf.float32, name=n) for n in self.input_names}
-        label_spec = tf.TensorSpec((1,) + shape + (None,), tf.float32, name="labels")
-
-        @tf.function(input_signature=[specs, label_spec])
-        def predict(inputs, labels):
-            ddf = model(inputs, training=False)
-            return ddf, warp(labels, ddf, "zero")
-
-        self.predict_fn = predict
+    def __init__(self, predictor):
+        self.predictor = predictor
+        self.info, self.preprocess_config = predictor.info, predictor.preprocess_config
 
     @classmethod
     def from_model_dir(cls, path):
-        from label_reg import model_dir
+        from label_reg.predictor import Predictor
 
-        model, info, config = model_dir.load(path, inference=True)
-        return cls(model, info, config)
+        return cls(Predictor.from_model_dir(path, batch_size=1))
 
     def __call__(self, pre: Preprocessed):
         """(ddf (X, Y, Z, 3) voxels, warped moving labels (X, Y, Z, K)) as float32 numpy arrays."""
-        inputs = {"moving_image": pre.moving_image, "fixed_image": pre.fixed_image,
-                  "moving_label": pre.moving_label[..., 0]}
-        inputs = {n: np.asarray(inputs[n], np.float32)[None, ..., None] for n in self.input_names}
-        labels = np.asarray(pre.moving_label, np.float32)[None]
-        ddf, warped = self.predict_fn(inputs, labels)
-        return ddf.numpy()[0], warped.numpy()[0]
+        ddf = self.predictor.predict(pre)
+        return ddf, self.predictor.warp(pre.moving_label, ddf, "zero")
 
 
 def _preprocessed(pair, config, cache):
@@ -272,11 +250,6 @@ class EvaluationResult:
     figures: list
 
 
-def _write_text(path, text):
-    with lio.atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-
-
 def _fmt_metric(value, scale=1.0, decimals=1):
     return "–" if value is None or not math.isfinite(value) else f"{value * scale:.{decimals}f}"
 
@@ -321,13 +294,13 @@ def evaluate(model_dir, output_dir, data_dir=None, cases_csv=None, split="val", 
             f"{report.to_markdown(summary)}\n\n{TABLE_NOTE}\n")
 
     written = []
-    if figures:
-        written = _write_figures(evaluator, per_case, method, {p.name: p for p in pairs}, config, cache,
-                                 output_dir / "figures")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    with lio.atomic_path(output_dir / "per_case.csv") as tmp:
-        per_case.to_csv(tmp, index=False)
-    _write_text(output_dir / "summary.md", text)
+    with lio.atomic_dir(output_dir) as staging:
+        if figures:
+            written = _write_figures(evaluator, per_case, method, {p.name: p for p in pairs}, config, cache,
+                                     staging / "figures")
+        per_case.to_csv(staging / "per_case.csv", index=False)
+        (staging / "summary.md").write_text(text, encoding="utf-8")
+    written = [output_dir / "figures" / path.name for path in written]
     print(text, file=stream, end="")
     return EvaluationResult(per_case, summary, text, method, chosen_fold, output_dir, written)
 

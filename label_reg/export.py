@@ -16,18 +16,17 @@ The inputs are *pre-processed* volumes (what :func:`label_reg.preprocess.preproc
 the model's spacing, pre-aligned (MR gland centre of mass onto the TRUS centre), cropped around the TRUS centre,
 intensities clipped at the 99th percentile and scaled to [0, 1], masks 0/1; arrays in ITK index order (x, y, z).
 
-The model is rebuilt from code and only weight arrays are read (:func:`label_reg.model_dir.load`): nothing
-executable is loaded from the model directory (Keras ``safe_mode`` semantics). The exported graph is the
-batch-norm-folded network (:func:`label_reg.inference.fold_batchnorm`), which gives the trained model's inference DDF
-to float32 rounding. The version folder is written into a temporary folder and renamed into place, so a failed
-export leaves no partial version behind.
+The model is loaded as a :class:`label_reg.predictor.Predictor` (rebuilt from code, only weight arrays read:
+nothing executable is loaded from the model directory, Keras ``safe_mode`` semantics); the serving functions call
+its traced forward pass and warping helpers, so the exported graph is the batch-norm-folded network
+(:func:`label_reg.inference.fold_batchnorm`), which gives the trained model's inference DDF to float32 rounding. The
+version folder is written into a temporary folder and renamed into place (:func:`label_reg.io.atomic_dir`), so a
+failed export leaves no partial version behind.
 """
-import contextlib
-import os
 import pathlib
 import shutil
-import uuid
 
+from label_reg import io as lio
 from label_reg.errors import InputError
 
 __all__ = ["export", "build_serving_module", "SIGNATURE", "LABEL_SIGNATURE"]
@@ -36,56 +35,46 @@ SIGNATURE = "serving_default"
 LABEL_SIGNATURE = "register_with_label"
 
 
-def build_serving_module(model, moving_label_input, image_shape):
-    """A ``tf.Module`` holding ``model`` with the serving functions as attributes; returns (module, signatures)."""
+def build_serving_module(predictor):
+    """A ``tf.Module`` holding a registration :class:`~label_reg.predictor.Predictor`'s model, with the serving
+    functions as attributes; returns (module, signatures)."""
     import tensorflow as tf
 
-    from label_reg.layers import warp
-
-    shape = (None,) + tuple(int(n) for n in image_shape) + (1,)
-
-    def spec(name):
-        return tf.TensorSpec(shape, tf.float32, name=name)
+    spec = predictor.signature()
+    takes_label = "moving_label" in predictor.input_names
+    three = [spec["moving_image"], spec["fixed_image"],
+             tf.TensorSpec(spec["moving_image"].shape, tf.float32, name="moving_label")]
 
     def run(moving_image, fixed_image, moving_label=None):
         inputs = {"moving_image": moving_image, "fixed_image": fixed_image}
-        if moving_label_input:
+        if takes_label:
             inputs["moving_label"] = moving_label
-        ddf = model(inputs, training=False)
-        out = {"ddf": ddf, "warped_moving_image": warp(moving_image, ddf, "replicate")}
-        if moving_label is not None:
-            soft = warp(moving_label, ddf, "zero")
-            out["warped_moving_label"] = tf.cast(soft >= 0.5, tf.float32)
-        return out
+        return predictor.register_tensors(inputs, moving_label)
 
+    with_label = tf.function(lambda moving_image, fixed_image, moving_label: run(moving_image, fixed_image,
+                                                                                 moving_label),
+                             input_signature=three)
     module = tf.Module()
-    module.model = model
-    module.model_variables = list(model.variables)  # tracked explicitly, whatever Keras' own tracking does
-    if moving_label_input:
-        serve = tf.function(lambda moving_image, fixed_image, moving_label: run(moving_image, fixed_image,
-                                                                                moving_label),
-                            input_signature=[spec("moving_image"), spec("fixed_image"), spec("moving_label")])
-        module.serve = serve
-        signatures = {SIGNATURE: serve.get_concrete_function()}
-    else:
-        serve = tf.function(lambda moving_image, fixed_image: run(moving_image, fixed_image),
-                            input_signature=[spec("moving_image"), spec("fixed_image")])
-        serve_label = tf.function(lambda moving_image, fixed_image, moving_label: run(moving_image, fixed_image,
-                                                                                      moving_label),
-                                  input_signature=[spec("moving_image"), spec("fixed_image"), spec("moving_label")])
-        module.serve = serve
-        module.serve_with_label = serve_label
-        signatures = {SIGNATURE: serve.get_concrete_function(),
-                      LABEL_SIGNATURE: serve_label.get_concrete_function()}
-    return module, signatures
+    module.model = predictor.model
+    module.model_variables = list(predictor.model.variables)  # tracked explicitly, whatever Keras' own tracking does
+    if takes_label:
+        module.serve = with_label
+        return module, {SIGNATURE: with_label.get_concrete_function()}
+    module.serve = tf.function(lambda moving_image, fixed_image: run(moving_image, fixed_image),
+                               input_signature=three[:2])
+    module.serve_with_label = with_label
+    return module, {SIGNATURE: module.serve.get_concrete_function(),
+                    LABEL_SIGNATURE: with_label.get_concrete_function()}
 
 
-def export(model_dir, output_dir, version=1):
+def export(model_dir, output_dir, version=1, predictor=None):
     """Write the SavedModel of ``model_dir`` into ``output_dir/<version>/`` (replacing an existing version folder
-    only once the new one is complete). Returns the version folder's path."""
+    only once the new one is complete). ``predictor``: that model directory already loaded
+    (``Predictor.from_model_dir(model_dir)``). Returns the version folder's path."""
     import tensorflow as tf
 
     from label_reg import model_dir as md
+    from label_reg.predictor import Predictor
 
     if isinstance(version, bool) or not isinstance(version, int) or version < 0:
         raise InputError("--version", f"must be a non-negative integer (TF Serving version folder), got {version!r}")
@@ -93,35 +82,10 @@ def export(model_dir, output_dir, version=1):
     if out.exists() and not out.is_dir():
         raise InputError(out, "exists and is not a directory")
     model_dir = pathlib.Path(model_dir)
-    model, info, _config = md.load(model_dir, inference=True)
-    build = info["build"]
-    module, signatures = build_serving_module(model, build["moving_label_input"], build["image_shape"])
-
-    out.mkdir(parents=True, exist_ok=True)
+    predictor = predictor or Predictor.from_model_dir(model_dir)
+    module, signatures = build_serving_module(predictor)
     target = out / str(version)
-    staging = out / f".{version}.tmp-{uuid.uuid4().hex[:12]}"
-    try:
+    with lio.atomic_dir(target, replace=True) as staging:
         tf.saved_model.save(module, str(staging), signatures=signatures)
         shutil.copyfile(model_dir / md.INFO_FILE, staging / md.INFO_FILE)
-        _swap_into_place(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
-
-
-def _swap_into_place(staging, target):
-    """Rename ``staging`` to ``target``; an existing ``target`` is moved aside first and removed afterwards."""
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:12]}"
-        os.rename(target, old)
-    try:
-        os.rename(staging, target)
-    except BaseException:
-        if old is not None:
-            with contextlib.suppress(OSError):
-                os.rename(old, target)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

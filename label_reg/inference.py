@@ -29,8 +29,7 @@ same dict inputs and output, and is for inference only (it has no BN layers to t
 the LeakyReLU that closes a residual block is written as ``max(s, 0.1 s)`` because TF 2.21's oneDNN rewrite fuses
 Conv3D + BiasAdd + Add + LeakyRelu into a kernel that ignores ``alpha`` (see :class:`AddLeakyReLU`).
 
-:func:`inference_function` wraps a model's forward pass in a ``tf.function`` with a fixed input signature (batch
-dimension ``None``), traced once per process.
+The fixed-signature forward pass that runs either model is :class:`label_reg.predictor.Predictor`.
 """
 import keras
 import numpy as np
@@ -39,7 +38,7 @@ import tensorflow as tf
 from label_reg import network
 from label_reg.layers import Resize3D
 
-__all__ = ["fold_batchnorm", "inference_function", "FoldedBlocks", "FusedConv3D", "ChannelShift", "ChannelAffine", "AddShift",
+__all__ = ["fold_batchnorm", "FoldedBlocks", "FusedConv3D", "ChannelShift", "ChannelAffine", "AddShift",
            "AddLeakyReLU", "bn_affine", "count_forward_flops"]
 
 NEGATIVE_SLOPE = network.NEGATIVE_SLOPE
@@ -313,28 +312,6 @@ def fold_batchnorm(model):
     folded.fold_report = dict(sorted(blocks.report.items()))
     folded.base_filters = base_filters
     return folded
-
-
-# ------------------------------------------------------------------------------------------------ forward
-def input_signature(model, batch_size=None):
-    """{input name: tf.TensorSpec((batch_size, D0, D1, D2, 1), float32)} of a registration model."""
-    return {name: tf.TensorSpec((batch_size,) + tuple(int(n) for n in tensor.shape[1:]), tf.float32, name=name)
-            for name, tensor in model.input.items()}
-
-
-def inference_function(model, batch_size=None, jit_compile=False):
-    """``tf.function`` forward pass (``training=False``) of ``model`` with a fixed dict input signature.
-
-    The batch dimension is ``batch_size`` (default ``None``: any batch size, one trace). ``jit_compile=True`` asks
-    XLA to compile it. Call it with a dict of float32 tensors (B, D0, D1, D2, 1); returns the DDF tensor.
-    """
-    spec = input_signature(model, batch_size)
-
-    @tf.function(input_signature=[spec], jit_compile=bool(jit_compile), reduce_retracing=False)
-    def forward(inputs):
-        return model(inputs, training=False)
-
-    return forward
 
 
 # ------------------------------------------------------------------------------------------------ FLOPs

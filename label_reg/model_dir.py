@@ -126,7 +126,8 @@ def load(model_dir, inference=False):
 
     ``inference=True`` returns the network kind's inference copy: for registration the batch-norm-folded network
     (:func:`label_reg.inference.fold_batchnorm`), the same DDF as ``model(x, training=False)`` to float32 rounding,
-    faster, and not trainable. ``register``, ``evaluate`` and ``export`` use it.
+    faster, and not trainable. :class:`label_reg.predictor.Predictor` loads it this way for ``register``,
+    ``evaluate`` and ``export``.
     """
     model_dir = pathlib.Path(model_dir)
     info, config = read_info(model_dir)

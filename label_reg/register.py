@@ -1,7 +1,8 @@
 """Register raw MR/TRUS NIfTI volumes with a trained model; every output lives in the original TRUS image's world space.
 
-``Registrar(model_dir)`` loads the network once (weights only, see :mod:`label_reg.model_dir`) with one
-``tf.function`` forward pass of fixed input signature, then :meth:`Registrar.register` does, per pair:
+``Registrar(model_dir)`` loads the network once (weights only, see :mod:`label_reg.model_dir`) as a
+:class:`label_reg.predictor.Predictor` (one traced forward pass of fixed input signature), then
+:meth:`Registrar.register` does, per pair:
 
 1. read and validate the files (:mod:`label_reg.io`); the MR gland mask is required (pre-alignment, and the third
    input of MIX+ models);
@@ -11,8 +12,8 @@
 4. compose the total transform ``T(p) = p + M_c u(W_c^-1 p) + t`` (:mod:`label_reg.transform`) sampled on the TRUS
    image grid, and resample the MR image (cubic B-spline) and every MR label channel (linear, then >= 0.5) through it;
 5. map MR points (biopsy targets) into TRUS space by inverting ``T`` per point;
-6. write everything into a staging folder beside ``output_dir`` and move it into place, so that an error never
-   leaves a partial output.
+6. write everything into a staging folder beside ``output_dir`` and move it into place
+   (:func:`label_reg.io.atomic_dir`), so that an error never leaves a partial output.
 
 Outputs (``output_dir``):
 
@@ -27,25 +28,22 @@ Outputs (``output_dir``):
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
-import os
 import pathlib
-import shutil
 import sys
 import time
-import uuid
 
 import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
 from label_reg import io as lio
+from label_reg import metrics
 from label_reg.errors import InputError
 
-__all__ = ["Registrar", "RegistrationResult", "Inputs", "read_inputs", "model_takes_label", "check_output_dir",
+__all__ = ["Registrar", "RegistrationResult", "Inputs", "read_inputs", "check_output_dir",
            "register_folder", "read_points_csv", "OUTPUT_FILES", "POINT_TOLERANCE_MM"]
 
 OUTPUT_FILES = {
@@ -131,40 +129,7 @@ def _is_number(value):
     return True
 
 
-# ------------------------------------------------------------------------------------------------ staging
-@contextlib.contextmanager
-def _staging_dir(output_dir: pathlib.Path):
-    """A fresh hidden folder beside ``output_dir``; removed on any exception."""
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = output_dir.parent / f".{output_dir.name}.tmp-{uuid.uuid4().hex[:12]}"
-    staging.mkdir()
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def _publish(staging: pathlib.Path, output_dir: pathlib.Path):
-    """Move the staged outputs into ``output_dir``: one atomic rename when it does not exist yet, else file by file
-    (each ``os.replace`` atomic), removing our own outputs of an earlier run that this run did not produce."""
-    try:
-        os.rename(staging, output_dir)
-        return
-    except OSError:
-        if not output_dir.is_dir():
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-    produced = {f.name for f in staging.iterdir()}
-    for f in staging.iterdir():
-        os.replace(f, output_dir / f.name)
-    for name in OUTPUT_FILES.values():
-        if name not in produced:
-            with contextlib.suppress(FileNotFoundError):
-                (output_dir / name).unlink()
-    staging.rmdir()
-
-
+# ------------------------------------------------------------------------------------------------ outputs
 def check_output_dir(output_dir):
     if output_dir is None or str(output_dir) == "":
         raise InputError("--output_dir", "is required")
@@ -187,17 +152,6 @@ class Inputs:
     read_seconds: float = 0.0
 
 
-def model_takes_label(model_dir):
-    """Whether a model directory's network takes the MR mask as a third input (MIX+), from its JSON alone (None if
-    unreadable: :func:`label_reg.model_dir.read_info` reports that properly when the model is loaded)."""
-    try:
-        info = json.loads((pathlib.Path(model_dir) / "label_reg.json").read_text())
-        value = info["build"]["moving_label_input"]
-    except (OSError, ValueError, TypeError, KeyError):
-        return None
-    return value if isinstance(value, bool) else None
-
-
 def read_inputs(moving_image, fixed_image, moving_label=None, moving_points=None, mixplus=None):
     """Read and validate the files of one pair (InputError naming the file on any problem). ``mixplus`` only
     words the error when the MR gland mask is missing: it is always required (pre-alignment)."""
@@ -215,39 +169,23 @@ def read_inputs(moving_image, fixed_image, moving_label=None, moving_points=None
 
 
 # ------------------------------------------------------------------------------------------------ registrar
-def _tf():
-    import tensorflow as tf
-    return tf
-
-
 class Registrar:
     """A loaded model ready to register pairs of raw NIfTI files (see the module docstring)."""
 
     def __init__(self, model_dir):
         start = time.perf_counter()
-        from label_reg import model_dir as md
-        from label_reg.inference import inference_function
+        from label_reg.predictor import Predictor
         self.model_dir = pathlib.Path(model_dir)
-        self.model, self.info, self.config = md.load(self.model_dir, inference=True)
-        build = self.info["build"]
-        self.moving_label_input = bool(build["moving_label_input"])
-        self.image_shape = tuple(int(n) for n in build["image_shape"])
-        if tuple(self.config.shape) != self.image_shape:
-            raise InputError(self.model_dir / md.INFO_FILE,
-                             f"pre-processing shape {tuple(self.config.shape)} differs from the network input "
-                             f"shape {self.image_shape}")
-        self.input_names = ("moving_image", "fixed_image") + (("moving_label",) if self.moving_label_input else ())
-        self._forward = inference_function(self.model, batch_size=1)
+        self.predictor = Predictor.from_model_dir(self.model_dir, batch_size=1)
+        self.info, self.config = self.predictor.info, self.predictor.preprocess_config
+        self.moving_label_input = "moving_label" in self.predictor.input_names
+        self.image_shape = self.predictor.image_shape
         self.load_seconds = time.perf_counter() - start
 
     # -- pieces ----------------------------------------------------------------------------------------------
     def predict(self, pre):
         """The network DDF (X, Y, Z, 3) in crop voxels for a :class:`~label_reg.preprocess.Preprocessed` pair."""
-        tf = _tf()
-        arrays = {"moving_image": pre.moving_image[..., None], "fixed_image": pre.fixed_image[..., None],
-                  "moving_label": pre.moving_label[..., :1]}
-        inputs = {n: tf.constant(np.asarray(arrays[n], np.float32)[None]) for n in self.input_names}
-        return np.asarray(self._forward(inputs)[0].numpy(), np.float32)
+        return self.predictor.predict(pre)
 
     # -- the whole thing -------------------------------------------------------------------------------------
     def register(self, moving_image, fixed_image, moving_label=None, moving_points=None, output_dir=None):
@@ -303,7 +241,7 @@ class Registrar:
 
         ddf_mm = ddf.astype(np.float64) @ pre.grid.matrix.T
         magnitude = np.linalg.norm(ddf_mm, axis=-1)
-        det = _jacobian_determinant(ddf)
+        det = metrics.jacobian_determinant(ddf, dtype=np.float32)
         report = {
             "model_dir": str(self.model_dir.resolve()),
             "model": {"moving_label_input": self.moving_label_input, "image_shape": list(self.image_shape),
@@ -327,7 +265,7 @@ class Registrar:
 
         t = time.perf_counter()
         files = {}
-        with _staging_dir(out) as staging:
+        with lio.atomic_dir(out, owned=OUTPUT_FILES.values()) as staging:
             lio.write_image(staging / OUTPUT_FILES["warped_moving_image"], warped_image)
             lio.write_label(staging / OUTPUT_FILES["warped_moving_label"], warped_labels)
             lio.write_displacement_field(staging / OUTPUT_FILES["transform_ddf"], disp, us_geo)
@@ -345,7 +283,6 @@ class Registrar:
             report["model_load_s"] = round(self.load_seconds, 4)
             report["outputs"] = {k: v.name for k, v in files.items()}
             _write_json(staging / OUTPUT_FILES["registration"], report)
-            _publish(staging, out)
         return RegistrationResult(output_dir=out, files=files, report=report,
                                   translation_mm=np.asarray(pre.translation_mm, np.float64),
                                   points_fixed=points_fixed, point_status=status)
@@ -354,19 +291,6 @@ class Registrar:
 # ------------------------------------------------------------------------------------------------ helpers
 def _abs(path):
     return None if path is None or str(path) == "" else str(pathlib.Path(path).resolve())
-
-
-def _jacobian_determinant(ddf):
-    """det of the Jacobian of x -> x + u(x) (central differences, as :func:`label_reg.metrics.jacobian_determinant`),
-    by the explicit 3x3 formula in float32: a fraction of the time of ``np.linalg.det`` on every voxel."""
-    u = np.asarray(ddf, np.float32)
-    j = [[None] * 3 for _ in range(3)]
-    for i in range(3):
-        for axis, g in enumerate(np.gradient(u[..., i], axis=(0, 1, 2))):
-            j[i][axis] = g + 1.0 if axis == i else g
-    return (j[0][0] * (j[1][1] * j[2][2] - j[1][2] * j[2][1])
-            - j[0][1] * (j[1][0] * j[2][2] - j[1][2] * j[2][0])
-            + j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0]))
 
 
 def _displacement_transform(disp_mm, geometry):

@@ -26,7 +26,7 @@ def evaluated(trained_model, tiny_train_config, tmp_path_factory):
     """The CLI with its defaults (the run's own validation fold and data dir), figures on."""
     model_dir, _ = trained_model
     out = tmp_path_factory.mktemp("evaluate") / "out"
-    proc = subprocess.run([str(LABEL_REG), "evaluate", "--model", str(model_dir), "--output_dir", str(out),
+    proc = subprocess.run([str(LABEL_REG), "evaluate", "--model_dir", str(model_dir), "--output_dir", str(out),
                            "--cache_dir", tiny_train_config.cache_dir, "--figures"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -161,7 +161,7 @@ def test_api_other_method_name_and_single_trace(evaluated, evaluated_other):
     result, evaluator = evaluated_other
     assert result.method == "OTHER" and result.fold == 0
     assert set(result.per_case["method"]) == {"Coarse", "OTHER"}
-    assert evaluator.predict_fn.experimental_get_tracing_count() == 1  # 4 cases, one trace
+    assert evaluator.predictor.forward.experimental_get_tracing_count() == 1  # 4 cases, one trace
     cli = pd.read_csv(out / "per_case.csv")
     ours = result.per_case[result.per_case["method"] == "OTHER"].set_index("case")
     mixplus = cli[cli["method"] == "MIX+"].set_index("case").loc[ours.index]

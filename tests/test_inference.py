@@ -1,10 +1,12 @@
-"""The batch-norm-folded inference model equals the Keras model in inference mode, eagerly and inside tf.function."""
+"""The batch-norm-folded inference model equals the Keras model in inference mode, eagerly and inside the
+predictor's traced forward."""
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from label_reg import inference, network
+from label_reg.predictor import Predictor
 
 
 def _randomise(model, rng, negative_gamma=False):
@@ -50,17 +52,19 @@ def test_folded_model_gives_the_same_ddf(shape, three_inputs, negative_gamma):
     tol = 1e-5 * max(1.0, float(np.abs(reference).max()))
     np.testing.assert_allclose(folded(x).numpy(), reference, rtol=0, atol=tol)
     # Traced: TF's graph rewrite fuses ops here (it once broke the residual blocks), so compare graph mode too.
-    forward = inference.inference_function(folded)
+    forward = Predictor(folded).forward
     np.testing.assert_allclose(forward(x).numpy(), reference, rtol=0, atol=tol)
-    np.testing.assert_allclose(inference.inference_function(model)(x).numpy(), reference, rtol=0, atol=tol)
+    np.testing.assert_allclose(Predictor(model).forward(x).numpy(), reference, rtol=0, atol=tol)
 
 
-def test_inference_function_takes_any_batch_with_one_trace():
+def test_predictor_forward_takes_any_batch_with_one_trace():
     rng = np.random.default_rng(2)
     model = network.build_model((32, 32, 32), moving_label_input=False, base_filters=2)
-    spec = inference.input_signature(model)
+    predictor = Predictor(model)
+    spec = predictor.signature()
     assert all(s.dtype == tf.float32 and s.shape[0] is None for s in spec.values())
-    forward = inference.inference_function(model)
+    assert predictor.input_names == ("moving_image", "fixed_image") and predictor.output_channels == 3
+    forward = predictor.forward
     assert forward(_inputs(model, rng, 1)).shape == (1, 32, 32, 32, 3)
     assert forward(_inputs(model, rng, 3)).shape == (3, 32, 32, 32, 3)
     assert forward.experimental_get_tracing_count() == 1

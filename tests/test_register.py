@@ -309,7 +309,7 @@ def test_batch_mode_loads_once_and_never_retraces(untrained_dir, phantom_dir, tm
     assert (tmp_path / "out" / "phantom003" / "moving_points_in_fixed.csv").is_file()
     assert not (tmp_path / "out" / "phantom002" / "moving_points_in_fixed.csv").exists()
     assert sum("[" in line and "/3]" in line for line in lines) == 3
-    assert registrar._forward.experimental_get_tracing_count() == 1
+    assert registrar.predictor.forward.experimental_get_tracing_count() == 1
 
 
 # ------------------------------------------------------------------------------------------------ CLI

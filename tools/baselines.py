@@ -1,7 +1,8 @@
 """Iterative registration baselines on the pre-processed pairs the network sees (SPEC section 6).
 
     .venv/bin/python tools/baselines.py [--data_dir DIR] [--spacing_mm 1.76] [--shape 48 48 40] [--fold 0]
-        [--num_folds 5] [--methods sdm,mi] [--model MODEL_DIR] [--output baselines.csv] [--limit N] [--cache_dir DIR]
+        [--num_folds 5] [--methods sdm,mi] [--model_dir MODEL_DIR] [--output baselines.csv] [--limit N]
+        [--cache_dir DIR]
 
 For every validation case of the chosen fold (the same k-fold split as ``label-reg train``), pre-processed exactly as
 for the network (crop grid at ``--spacing_mm`` / ``--shape``, coarse pre-alignment included), this runs the
@@ -18,8 +19,9 @@ registrations a user would otherwise run, with SimpleITK, on the crop grid:
   30 s per pair and did no better). Needs no segmentation of the TRUS. Tried and dropped on the demo data: L-BFGS
   (diverges), gradient descent with learning-rate estimation (diverges, slow), an affine MI stage first (drifts
   further), a mask of the TRUS field of view (no better).
-* with ``--model``: the network (a ``label-reg train`` model directory) on the same pre-processed pairs, as
-  ``label-reg evaluate`` runs it (batch-norm-folded model, one traced ``tf.function``), so all rows share one table.
+* with ``--model_dir`` (alias ``--model``): the network (a ``label-reg train`` model directory) on the same
+  pre-processed pairs, as ``label-reg evaluate`` runs it (its :class:`label_reg.evaluate.Evaluator`: the
+  batch-norm-folded model through one :class:`label_reg.predictor.Predictor`), so all rows share one table.
   Its pre-processing settings must match ``--spacing_mm`` / ``--shape``.
 
 Each case is scored as the network is (:func:`label_reg.metrics.case_metrics`): gland DSC (and thirds), landmark
@@ -179,7 +181,7 @@ class NetworkMethod:
         self.name = f"{method_name(self.evaluator.info)} (label_reg)"
 
     def row(self, pre, fold=None):
-        if not self.evaluator.predict_fn.experimental_get_tracing_count():  # trace once, outside the timing
+        if not self.evaluator.predictor.forward.experimental_get_tracing_count():  # trace once, outside the timing
             self.evaluator(pre)
         start = time.perf_counter()
         ddf, warped = self.evaluator(pre)
@@ -238,7 +240,8 @@ def main(argv=None):
     parser.add_argument("--num_folds", type=int, default=5)
     parser.add_argument("--split_seed", type=int, default=0)
     parser.add_argument("--methods", default="sdm,mi", help=f"comma-separated subset of {','.join(METHODS)}")
-    parser.add_argument("--model", default="", help="also score this label-reg model directory on the same pairs")
+    parser.add_argument("--model_dir", "--model", dest="model_dir", default="",
+                        help="also score this label-reg model directory on the same pairs")
     parser.add_argument("--output", default="baselines.csv", help="per-case CSV (label-reg compare --results)")
     parser.add_argument("--limit", type=int, default=0, help="only the first N validation cases (0 = all)")
     parser.add_argument("--cache_dir", default="", help="pre-processing cache (as label-reg train --cache_dir)")
@@ -257,7 +260,7 @@ def main(argv=None):
     print(f"{len(chosen)} validation case(s) of fold {args.fold}/{args.num_folds} in {args.data_dir}, crop "
           f"{'x'.join(map(str, config.shape))} at {config.spacing_mm:g} mm; SimpleITK {sitk.Version.VersionString()}, "
           f"{sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()} thread(s)", file=sys.stderr)
-    network = NetworkMethod(args.model, config) if args.model else None
+    network = NetworkMethod(args.model_dir, config) if args.model_dir else None
     per_case = run(chosen, config, methods, fold=args.fold, cache_dir=args.cache_dir, network=network)
     output = pathlib.Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)

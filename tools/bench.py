@@ -15,7 +15,8 @@ Measurements (``--only`` takes these names):
   reference rate.
 * ``forward_keras_b1``, ``forward_keras_b5``, ``forward_folded_b1``, ``forward_folded_b5``: the MIX+ network at
   96x96x80, batch 1 and 5, as ``model(x, training=False)`` in a fixed-signature ``tf.function`` and as the
-  batch-norm-folded inference model (:mod:`label_reg.inference`); FLOPs counted from the layers (2 x MACs for the
+  batch-norm-folded inference model (:mod:`label_reg.inference`), each through the forward pass of a
+  :class:`label_reg.predictor.Predictor`; FLOPs counted from the layers (2 x MACs for the
   convolutions), cross-checked against TensorFlow's profiler (which counts Conv3D but not the transposed
   convolutions), rate as a fraction of ``matmul``. ``forward_folded_cpu_b1``: the folded model at the CPU preset.
 * ``train_full``, ``train_cpu``: training samples/s, batch 5, through the real ``Trainer`` step (its tf.data
@@ -141,12 +142,13 @@ def work_forward(options, folded, batch, shape, spacing_mm):
     import numpy as np
 
     from label_reg import inference, network
+    from label_reg.predictor import Predictor
     model = network.build_model(tuple(shape), moving_label_input=True)
     if folded:
         model = inference.fold_batchnorm(model)
     rng = np.random.default_rng(0)
     inputs = {k: tf.constant(rng.random((batch,) + tuple(shape) + (1,), dtype=np.float32)) for k in model.input}
-    forward = inference.inference_function(model, jit_compile=options.get("jit_compile", False))
+    forward = Predictor(model, jit_compile=options.get("jit_compile", False)).forward
     start = time.perf_counter()
     forward(inputs).numpy()
     first = time.perf_counter() - start
@@ -155,7 +157,7 @@ def work_forward(options, folded, batch, shape, spacing_mm):
     flops = inference.count_forward_flops(model, batch)
     note = [f"{flops['conv'] / 1e9:.2f} GFLOP in convolutions, {flops['other'] / 1e9:.2f} elsewhere"]
     try:
-        profiled = _profiler_conv3d_flops(tf, inference.inference_function(model, batch_size=batch))
+        profiled = _profiler_conv3d_flops(tf, Predictor(model, batch_size=batch).forward)
         conv3d = 0.0
         for layer in model.layers:
             kernel = getattr(layer, "kernel", None)
@@ -367,7 +369,7 @@ def work_register(options, cold):
                 out = os.path.join(tmp, f"out{i}")
                 cmd = _label_reg_command() + [
                     "register", f"--moving_image={pair.moving_image}", f"--fixed_image={pair.fixed_image}",
-                    f"--moving_label={pair.moving_label}", f"--model={model_dir}", f"--output_dir={out}"]
+                    f"--moving_label={pair.moving_label}", f"--model_dir={model_dir}", f"--output_dir={out}"]
                 start = time.perf_counter()
                 done = subprocess.run(cmd, env=env, capture_output=True, text=True)
                 times.append(time.perf_counter() - start)

@@ -1,18 +1,19 @@
 """``label-reg evaluate``: score a trained model; per-case CSV, summary table in the paper's format, figures.
 
-    label-reg evaluate --model DIR [--data_dir DIR] [--cases_csv CSV [--split val] | --fold K]
+    label-reg evaluate --model_dir DIR [--data_dir DIR] [--cases_csv CSV [--split val] | --fold K]
                        --output_dir OUT [--figures] [--method NAME] [--cache_dir DIR]
 
 By default the cases are the ones the training run held out (its fold, or the ``val`` split of its case list), from
 the data directory it trained on. Writes ``OUT/per_case.csv`` (case, method, fold, metrics; a ``Coarse`` row per
 case for the pre-alignment alone), ``OUT/summary.md`` (mean (median) ± SD per method, printed too) and, with
-``--figures``, Fig. 3/4-style PNGs of the best, median and worst case into ``OUT/figures/``.
+``--figures``, Fig. 3/4-style PNGs of the best, median and worst case into ``OUT/figures/``. ``--model`` is an alias
+of ``--model_dir``.
 """
 from absl import flags
 
-from label_reg.errors import InputError
+from label_reg.commands import define_model_dir_flag, reject_positional
 
-flags.DEFINE_string("model", None, "Model directory written by `label-reg train`.")
+define_model_dir_flag()
 flags.DEFINE_string("data_dir", None, "Paired dataset folder (default: the one the model was trained on).")
 flags.DEFINE_string("cases_csv", None, "CSV with a 'case' column (and a 'split' column) choosing the cases.")
 flags.DEFINE_string("split", "val", "With --cases_csv: the value of its 'split' column to evaluate ('' = all "
@@ -25,17 +26,16 @@ flags.DEFINE_string("method", None, "Method name in the tables (default: from th
                                     "MIX+).")
 flags.DEFINE_string("cache_dir", None, "Folder for pre-processed cases (default: OUT/.cache).")
 flags.DEFINE_boolean("progress", True, "Print a line per case to stderr.")
-flags.mark_flags_as_required(["model", "output_dir"])
+flags.mark_flags_as_required(["model_dir", "output_dir"])
 
 FLAGS = flags.FLAGS
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise InputError(" ".join(argv[1:]), "unexpected positional argument(s); all options are --flags")
+    reject_positional(argv)
     from label_reg.evaluate import evaluate
 
-    evaluate(FLAGS.model, FLAGS.output_dir, data_dir=FLAGS.data_dir, cases_csv=FLAGS.cases_csv, split=FLAGS.split,
+    evaluate(FLAGS.model_dir, FLAGS.output_dir, data_dir=FLAGS.data_dir, cases_csv=FLAGS.cases_csv, split=FLAGS.split,
              fold=FLAGS.fold, method=FLAGS.method, cache_dir=FLAGS.cache_dir, figures=FLAGS.figures,
              progress=FLAGS.progress)
     return 0

@@ -12,6 +12,7 @@ import re
 from absl import flags
 
 from label_reg import synthetic
+from label_reg.commands import reject_positional
 from label_reg.errors import InputError
 
 FLAGS = flags.FLAGS
@@ -35,8 +36,7 @@ def _existing_pair_files(output_dir):
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise InputError(" ".join(argv[1:]), "unexpected positional argument(s); all options are --flags")
+    reject_positional(argv)
     output_dir = FLAGS.output_dir
     if not output_dir:
         raise InputError("--output_dir", "is required")

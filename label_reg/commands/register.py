@@ -3,19 +3,20 @@
 One pair::
 
     label-reg register --moving_image MR.nii.gz --fixed_image US.nii.gz --moving_label MRSEG.nii.gz \\
-        [--moving_points targets.csv] --model MODEL_DIR --output_dir OUT
+        [--moving_points targets.csv] --model_dir MODEL_DIR --output_dir OUT
 
 A whole paired data folder (moving_images/, moving_labels/, fixed_images/; fixed labels not needed; optional
 moving_points/<case>.csv), loading the model once, one subfolder of OUT per case::
 
-    label-reg register --data_dir DATA --model MODEL_DIR --output_dir OUT
+    label-reg register --data_dir DATA --model_dir MODEL_DIR --output_dir OUT
 
-See :mod:`label_reg.register` for the outputs.
+See :mod:`label_reg.register` for the outputs. ``--model`` is an alias of ``--model_dir``.
 """
 import sys
 
 from absl import flags
 
+from label_reg.commands import define_model_dir_flag, reject_positional
 from label_reg.errors import InputError
 
 flags.DEFINE_string("moving_image", None, "MR volume (NIfTI), any spacing/size/orientation.")
@@ -24,7 +25,7 @@ flags.DEFINE_string("moving_label", None, "MR labels (NIfTI, 3-D mask or 4-D sta
                                           "the gland drives the pre-alignment (and is the MIX+ third input).")
 flags.DEFINE_string("moving_points", None, "Optional CSV of MR points (x,y,z in mm, MR world/LPS; optional name "
                                            "column) to map into TRUS world space.")
-flags.DEFINE_string("model", None, "Model directory written by `label-reg train`.")
+define_model_dir_flag()
 flags.DEFINE_string("output_dir", None, "Output folder (a subfolder per case with --data_dir).")
 flags.DEFINE_string("data_dir", None, "Batch mode: paired data folder instead of the single-pair flags.")
 
@@ -32,10 +33,9 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise InputError(" ".join(argv[1:]), "unexpected positional argument(s); all options are --flags")
-    if not FLAGS.model:
-        raise InputError("--model", "is required (a model directory from `label-reg train`)")
+    reject_positional(argv)
+    if not FLAGS.model_dir:
+        raise InputError("--model_dir", "is required (a model directory from `label-reg train`)")
     if not FLAGS.output_dir:
         raise InputError("--output_dir", "is required")
     single = [name for name in ("moving_image", "fixed_image", "moving_label", "moving_points")
@@ -44,7 +44,7 @@ def main(argv):
     if FLAGS.data_dir:
         if single:
             raise InputError("--data_dir", f"cannot be combined with --{', --'.join(single)}")
-        registrar = Registrar(FLAGS.model)
+        registrar = Registrar(FLAGS.model_dir)
         results = register_folder(FLAGS.data_dir, FLAGS.output_dir, registrar=registrar)
         failed = [r for r in results if not r["ok"]]
         done = [r["seconds"] for r in results if r["ok"]]
@@ -61,11 +61,12 @@ def main(argv):
     if missing:
         raise InputError(f"--{missing[0]}", "is required (or --data_dir for a folder of pairs)")
     # Validate every input before loading TensorFlow and the model: bad input fails fast and writes nothing.
-    from label_reg.register import check_output_dir, model_takes_label, read_inputs
+    from label_reg.model_dir import takes_moving_label
+    from label_reg.register import check_output_dir, read_inputs
     output_dir = check_output_dir(FLAGS.output_dir)
     inputs = read_inputs(FLAGS.moving_image, FLAGS.fixed_image, FLAGS.moving_label, FLAGS.moving_points,
-                         mixplus=model_takes_label(FLAGS.model))
-    result = Registrar(FLAGS.model).register_inputs(inputs, output_dir)
+                         mixplus=takes_moving_label(FLAGS.model_dir))
+    result = Registrar(FLAGS.model_dir).register_inputs(inputs, output_dir)
     report = result.report
     print(f"registered {FLAGS.moving_image} -> {FLAGS.fixed_image} in {report['timings_s']['total_s']:.2f} s "
           f"(+ {report['model_load_s']:.2f} s model load); outputs in {result.output_dir}")
