@@ -4,10 +4,12 @@ A training step ``s`` is fully determined by ``(seed, s)``: which cases it holds
 ``seed``) and its augmentation (stateless draws seeded by ``(seed, s, replica)``). So a run resumed at step ``s``
 sees exactly the batches an uninterrupted run would, and the pipeline can start at any step without replaying.
 
-Every element is a dict of float32 tensors, each (b, X, Y, Z, 1): ``moving_image`` (MR), ``fixed_image`` (TRUS),
+Every element is a dict of float32 tensors, each (b, X, Y, Z, 1), with the ``keys`` asked for (default
+:data:`TRAINING_KEYS`, what registration trains on): ``moving_image`` (MR), ``fixed_image`` (TRUS),
 ``moving_label`` and ``fixed_label`` (gland masks, label channel 0 only: landmarks never drive training),
-``moving_sdm`` and ``fixed_sdm`` (gland signed distance maps in mm). MR and TRUS are augmented independently, each
-with one affine draw shared by its image, mask and SDM (:func:`augment_batch`).
+``moving_sdm`` and ``fixed_sdm`` (gland signed distance maps in mm). A network trained on one side only asks for
+its keys (a TRUS segmenter: ``("fixed_image", "fixed_label")``). MR and TRUS are augmented independently, each side
+that is present with one affine draw shared by its image, mask and SDM (:func:`augment_batch`).
 """
 import numpy as np
 import tensorflow as tf
@@ -20,10 +22,14 @@ _SIDES = {"moving": ("moving_image", "moving_label", "moving_sdm"),
           "fixed": ("fixed_image", "fixed_label", "fixed_sdm")}
 
 
-def training_arrays(case):
-    """The six training volumes of one pre-processed case (a dict from :mod:`label_reg.preprocess`), (X,Y,Z,1)."""
+def training_arrays(case, keys=TRAINING_KEYS):
+    """The training volumes ``keys`` of one pre-processed case (a dict from :mod:`label_reg.preprocess`),
+    each (X, Y, Z, 1)."""
+    unknown = sorted(set(keys) - set(TRAINING_KEYS))
+    if unknown:
+        raise ValueError(f"unknown training keys {unknown}; choose from {TRAINING_KEYS}")
     out = {}
-    for key in TRAINING_KEYS:
+    for key in keys:
         value = np.asarray(case[key], np.float32)
         if key.endswith("_label"):
             value = value[..., GLAND]
@@ -44,13 +50,17 @@ def batch_schedule(num_cases, batch_size, num_steps, seed):
 def augment_batch(batch, seed, scale):
     """Random affine augmentation of a batch dict, MR and TRUS drawn independently (stateless, seed shape [2]).
 
-    The image, gland mask and SDM of one side share a draw, so they stay aligned. Masks stay in [0, 1] (trilinear).
+    The image, gland mask and SDM of one side share a draw, so they stay aligned; a side none of whose keys is in
+    the batch is skipped (the other side's draw does not change). Masks stay in [0, 1] (trilinear).
     """
     if scale <= 0:
         return batch
     out = dict(batch)
-    size = tf.shape(batch["moving_image"])[0]
-    for offset, keys in enumerate(_SIDES.values()):
+    size = tf.shape(next(iter(batch.values())))[0]
+    for offset, side in enumerate(_SIDES.values()):
+        keys = [k for k in side if k in batch]
+        if not keys:
+            continue
         side_seed = tf.random.experimental.stateless_fold_in(seed, offset)
         transforms = layers.random_affine(size, scale, side_seed)
         stacked = tf.concat([batch[k] for k in keys], axis=-1)
@@ -60,39 +70,41 @@ def augment_batch(batch, seed, scale):
     return out
 
 
-def _stack(cases):
-    arrays = [training_arrays(c) for c in cases]
-    shapes = {a["fixed_image"].shape for a in arrays}
+def _stack(cases, keys=TRAINING_KEYS):
+    arrays = [training_arrays(c, keys) for c in cases]
+    shapes = {a[k].shape for a in arrays for k in keys}
     if len(shapes) != 1:
         raise ValueError(f"cases have different pre-processed shapes {sorted(shapes)}; use one pre-processing config")
-    return {k: np.stack([a[k] for a in arrays]) for k in TRAINING_KEYS}
+    return {k: np.stack([a[k] for a in arrays]) for k in keys}
 
 
 def training_dataset(cases, global_batch_size, num_steps, seed, start_step=0, augment_scale=0.1,
-                     num_replicas=1, replica_offset=0, replicas_here=None):
+                     num_replicas=1, replica_offset=0, replicas_here=None, keys=TRAINING_KEYS):
     """Per-replica training batches for steps ``start_step .. num_steps - 1``.
 
     Yields, for every step, one element per local replica (``replicas_here`` of them, global replica ids from
     ``replica_offset``), each with ``global_batch_size // num_replicas`` samples, in the order
     ``tf.distribute`` hands elements to local replicas. With one replica it is simply one batch per step.
+    ``keys``: the volumes each element holds (a subset of :data:`TRAINING_KEYS` that every case provides).
     """
+    keys = tuple(keys)
     if global_batch_size % num_replicas:
         raise ValueError(f"batch size {global_batch_size} does not split evenly over {num_replicas} replicas")
     replicas_here = num_replicas if replicas_here is None else replicas_here
     per_replica = global_batch_size // num_replicas
-    arrays = _stack(cases)
+    arrays = _stack(cases, keys)
     schedule = batch_schedule(len(cases), global_batch_size, num_steps, seed)
-    spatial = arrays["fixed_image"].shape[1:]
+    spatial = arrays[keys[0]].shape[1:]
 
     def take(step, replica):
         rows = schedule[step, replica * per_replica:(replica + 1) * per_replica]
-        return tuple(arrays[k][rows] for k in TRAINING_KEYS)
+        return tuple(arrays[k][rows] for k in keys)
 
     def load(index):
         step = start_step + index // replicas_here
         replica = replica_offset + index % replicas_here
-        values = tf.numpy_function(take, [step, replica], [tf.float32] * len(TRAINING_KEYS), stateful=False)
-        batch = {k: tf.ensure_shape(v, (per_replica,) + spatial) for k, v in zip(TRAINING_KEYS, values)}
+        values = tf.numpy_function(take, [step, replica], [tf.float32] * len(keys), stateful=False)
+        batch = {k: tf.ensure_shape(v, (per_replica,) + spatial) for k, v in zip(keys, values)}
         seed_pair = tf.stack([tf.cast(seed, tf.int64), step * num_replicas + replica])
         return augment_batch(batch, seed_pair, augment_scale)
 
@@ -104,8 +116,9 @@ def training_dataset(cases, global_batch_size, num_steps, seed, start_step=0, au
     return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)
 
 
-def validation_dataset(cases, batch_size=1):
-    """Un-augmented batches over ``cases`` in order, with a ``case_index`` key to find labels and names."""
-    arrays = _stack(cases)
+def validation_dataset(cases, batch_size=1, keys=TRAINING_KEYS):
+    """Un-augmented batches of ``keys`` over ``cases`` in order, with a ``case_index`` key to find labels and
+    names."""
+    arrays = _stack(cases, tuple(keys))
     arrays["case_index"] = np.arange(len(cases), dtype=np.int32)
     return tf.data.Dataset.from_tensor_slices(arrays).batch(batch_size).prefetch(tf.data.AUTOTUNE)

@@ -5,6 +5,7 @@ MultiWorkerMirroredStrategy must happen before TensorFlow initialises, which the
 """
 import json
 import os
+import pathlib
 import signal
 import socket
 import subprocess
@@ -81,16 +82,13 @@ def test_the_best_validation_model_is_the_one_kept(trained_model, tiny_train_con
     info, _ = model_dir_lib.read_info(path)
     assert info["best_step"] == best["step"] and info["validation"]["dsc"] == pytest.approx(best["dsc"])
     # The weights on disk really are that model: re-scoring them reproduces its validation DSC.
-    from label_reg.train import Trainer, load_cases, load_split
+    from label_reg.predictor import Predictor
+    from label_reg.train import load_cases, load_split, validate
     _, val_pairs = load_split(tiny_train_config)
     config = tiny_train_config.preprocess_config()
     val_cases = load_cases(val_pairs, config, tiny_train_config.cache_dir, progress=False)
     model, _, _ = model_dir_lib.load(path)
-    trainer = Trainer.__new__(Trainer)  # only its validation code is needed, with the reloaded model
-    import tensorflow as tf
-    trainer.tf, trainer.config, trainer.val_cases, trainer.model = tf, tiny_train_config, val_cases, model
-    trainer._predict = tf.function(lambda inputs: model(inputs, training=False))
-    assert trainer.validate()["dsc"] == pytest.approx(best["dsc"], abs=1e-6)
+    assert validate(Predictor(model), val_cases, tiny_train_config)["dsc"] == pytest.approx(best["dsc"], abs=1e-6)
 
 
 def test_pipeline_steps_are_reproducible_and_augmentation_differs_between_steps(trained_model, tiny_train_config):
@@ -114,6 +112,43 @@ def test_pipeline_steps_are_reproducible_and_augmentation_differs_between_steps(
     val_again = [b["fixed_image"] for b in data_lib.validation_dataset(cases).as_numpy_iterator()]
     assert all(np.array_equal(a, b) for a, b in zip(val, val_again))
     assert np.array_equal(val[0][0], data_lib.training_arrays(cases[0])["fixed_image"])
+    # A network trained on the TRUS side only (a segmenter) gets that side, augmented with the same draws.
+    keys = ("fixed_image", "fixed_label")
+    fixed_only = list(data_lib.training_dataset(cases, 2, 4, seed=1, augment_scale=0.1, keys=keys)
+                      .as_numpy_iterator())
+    assert len(fixed_only) == 4 and all(sorted(b) == list(keys) for b in fixed_only)
+    for a, b in zip(first, fixed_only):
+        for key in keys:
+            np.testing.assert_allclose(b[key], a[key], atol=1e-6)
+    assert not np.allclose(fixed_only[0]["fixed_image"], plain[0]["fixed_image"])
+
+
+def test_train_flags_are_the_config_fields_and_the_presets_parse():
+    import dataclasses
+
+    from absl import flags
+
+    from label_reg.commands import config_from_flags, define_config_flags
+    from label_reg.errors import InputError
+    from label_reg.preprocess import PreprocessConfig
+    from label_reg.train import TrainConfig
+    flag_values = flags.FlagValues()
+    define_config_flags(TrainConfig, flag_values)
+    assert set(flag_values.flag_values_dict()) == {f.name for f in dataclasses.fields(TrainConfig)}
+    assert all(flag_values[f.name].help != f.name for f in dataclasses.fields(TrainConfig))  # every flag has help
+    experiments = pathlib.Path(__file__).resolve().parents[1] / "experiments"
+    flag_values(["train", f"--flagfile={experiments / 'mdsc.flags'}", f"--flagfile={experiments / 'cpu.flags'}",
+                 "--data_dir=DATA", "--model_dir=RUN", "--seed=7"])
+    config = config_from_flags(TrainConfig, flag_values)
+    assert (config.alpha, config.beta, config.moving_label_input, config.seed) == (0.3, 0.0, False, 7)
+    assert config.preprocess_config() == PreprocessConfig(spacing_mm=1.76, shape=(48, 48, 40))
+    assert (config.data_dir, config.model_dir, config.cache_dir) == ("DATA", "RUN", "")
+    # The default working grid is PreprocessConfig's, the one place it is written.
+    default = TrainConfig(data_dir="", model_dir="").preprocess_config()
+    assert (default.spacing_mm, default.shape) == (PreprocessConfig().spacing_mm, PreprocessConfig().shape)
+    flag_values["shape"].parse("48,x,40")
+    with pytest.raises(InputError, match="--shape"):
+        config_from_flags(TrainConfig, flag_values)
 
 
 def test_killed_and_resumed_run_ends_with_the_same_weights(phantom_dir, tmp_path):

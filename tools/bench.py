@@ -19,11 +19,11 @@ Measurements (``--only`` takes these names):
   :class:`label_reg.predictor.Predictor`; FLOPs counted from the layers (2 x MACs for the
   convolutions), cross-checked against TensorFlow's profiler (which counts Conv3D but not the transposed
   convolutions), rate as a fraction of ``matmul``. ``forward_folded_cpu_b1``: the folded model at the CPU preset.
-* ``train_full``, ``train_cpu``: training samples/s, batch 5, through the real ``Trainer`` step (its tf.data
-  pipeline, MirroredStrategy, loss, optimizer) on synthetic ellipsoid phantoms made in memory, at 96x96x80 and at the
+* ``train_full``, ``train_cpu``: training samples/s, batch 5, through the real ``Trainer`` steps
+  (:meth:`label_reg.trainer.Trainer.iterate`: its tf.data pipeline, MirroredStrategy, loss, optimizer) on synthetic ellipsoid phantoms made in memory, at 96x96x80 and at the
   CPU preset (48x48x40, 1.76 mm; experiments/cpu.flags); the first steps (tracing) are left out.
-* ``loss_full``, ``loss_cpu``: seconds per batch of the loss side of that step alone (both warps, the loss, and its
-  gradient to the DDF), so the step splits into network and loss. ``warp_cpu``, ``bending_cpu``,
+* ``loss_full``, ``loss_cpu``: seconds per batch of the loss side of that step alone (``label_reg.train.loss_terms``:
+  both warps, the loss, and its gradient to the DDF), so the step splits into network and loss. ``warp_cpu``, ``bending_cpu``,
   ``smoothing_cpu``: its three costly pieces alone, forward and backward, batch 5 at the CPU preset (one warp with
   the zero boundary; the bending energy; Gaussian smoothing at the four non-zero scales of the multi-scale Dice).
 * ``pipeline_full``, ``pipeline_cpu``: samples/s of ``data.training_dataset`` alone (augmentation on), same data.
@@ -43,7 +43,6 @@ import math
 import os
 import pathlib
 import resource
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -52,7 +51,9 @@ import time
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-FULL = {"shape": (96, 96, 80), "spacing_mm": 0.88}
+from label_reg.preprocess import PreprocessConfig  # noqa: E402  (no TensorFlow: the driver stays light)
+
+FULL = {"shape": PreprocessConfig().shape, "spacing_mm": PreprocessConfig().spacing_mm}  # the paper's grid
 CPU = {"shape": (48, 48, 40), "spacing_mm": 1.76}
 RESULT_TAG = "BENCH_RESULT "
 DEFAULT_DATA = os.environ.get("LABEL_REG_DEMO_DATA", "/work/shared/data/mrus-prostate-demo")
@@ -207,7 +208,7 @@ def _phantom_cases(shape, spacing_mm, count, seed=0):
 
 def work_train(options, batch, shape, spacing_mm):
     _tf(options)
-    from label_reg.train import Trainer, TrainConfig
+    from label_reg.train import REGISTRATION, Trainer, TrainConfig
     # 5 warm-up steps: with 3, one 96x96x80 run of 5 repeats spread over 1.44-2.13 samples/s (others: +-3 %)
     warmup, repeats = (2, max(2, options["repeats"] // 2)) if options["quick"] else (5, options["repeats"])
     cases = _phantom_cases(shape, spacing_mm, 10)
@@ -215,9 +216,8 @@ def work_train(options, batch, shape, spacing_mm):
         config = TrainConfig(data_dir=tmp, model_dir=os.path.join(tmp, "model"), batch_size=batch,
                              num_steps=warmup + repeats + 1, spacing_mm=spacing_mm, shape=tuple(shape),
                              validate_every=10 ** 9, checkpoint_every=10 ** 9, progress=False)
-        trainer = Trainer(config, cases, [])
-        iterator = iter(trainer._dataset(0))
-        step = lambda: {k: float(v) for k, v in trainer._train_step(iterator).items()}  # noqa: E731
+        steps = Trainer(REGISTRATION, config, cases, []).iterate(0)
+        step = lambda: next(steps)  # noqa: E731
         start = time.perf_counter()
         step()
         first = time.perf_counter() - start
@@ -246,7 +246,7 @@ def work_loss(options, batch, shape, spacing_mm):
     @tf.function
     def loss_step():
         with tf.GradientTape() as tape:
-            total = tf.reduce_mean(loss_terms(config, batch_arrays, ddf)[0]["total"])
+            total = tf.reduce_mean(loss_terms(batch_arrays, ddf, config)["total"])
         return tape.gradient(total, ddf)
 
     start = time.perf_counter()
@@ -338,7 +338,6 @@ def _register_inputs(options, tmp, count):
     else:
         from label_reg import model_dir as md
         from label_reg.network import build_model
-        from label_reg.preprocess import PreprocessConfig
         model_dir = os.path.join(tmp, "model")
         build = {"image_shape": FULL["shape"], "moving_label_input": True, "base_filters": 4}
         md.save(model_dir, build_model(**build), build, PreprocessConfig(FULL["spacing_mm"], FULL["shape"]))
