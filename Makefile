@@ -51,10 +51,10 @@ MODEL       ?= $(RUNS)/mixplus_cpu_fold0
 EVAL_OUT    ?= eval/$(notdir $(MODEL))
 SERVING_OUT ?= serving/label_reg
 evaluate: install
-	$(LABEL_REG) evaluate --model=$(MODEL) --output_dir=$(EVAL_OUT) --figures
+	$(LABEL_REG) evaluate --model_dir=$(MODEL) --output_dir=$(EVAL_OUT) --figures
 
 export: install
-	$(LABEL_REG) export --model=$(MODEL) --output_dir=$(SERVING_OUT)
+	$(LABEL_REG) export --model_dir=$(MODEL) --output_dir=$(SERVING_OUT)
 
 # Speed and memory on this machine, one table (also written as CSV); see README "Benchmarks".
 BENCH_OUT ?= bench.csv
