@@ -9,6 +9,7 @@ import sys
 
 SUBCOMMANDS = {
     "train": "Train a registration network (absl flags; see experiments/*.flags).",
+    "train-segmenter": "Train the TRUS gland segmenter used by the trus_gland pre-alignment.",
     "register": "Register an MR volume to a TRUS volume with a trained model; outputs in TRUS world space.",
     "evaluate": "Score a model on a dataset: per-case CSV and a summary table.",
     "export": "Write a TF Serving SavedModel from a model directory.",
@@ -19,7 +20,7 @@ SUBCOMMANDS = {
 
 def _usage():
     lines = ["usage: label-reg <subcommand> [--flags]   (label-reg <subcommand> --helpfull for all flags)", ""]
-    lines += [f"  {name:<9} {text}" for name, text in SUBCOMMANDS.items()]
+    lines += [f"  {name:<15} {text}" for name, text in SUBCOMMANDS.items()]
     return "\n".join(lines)
 
 
@@ -33,9 +34,9 @@ def main(argv=None):
         print(f"label-reg: unknown subcommand {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     try:
-        module = importlib.import_module(f"label_reg.commands.{name}")
+        module = importlib.import_module(f"label_reg.commands.{name.replace('-', '_')}")
     except ModuleNotFoundError as err:
-        if err.name == f"label_reg.commands.{name}":
+        if err.name == f"label_reg.commands.{name.replace('-', '_')}":
             print(f"label-reg: subcommand {name!r} is not available in this version", file=sys.stderr)
             return 2
         raise

@@ -29,6 +29,8 @@ INFO_FILE = "label_reg.json"
 WEIGHTS_FILE = "model.weights.h5"
 FORMAT_VERSION = 1
 REGISTRATION = "registration"
+SEGMENTER = "segmenter"
+SEGMENTER_DIR = "segmenter"  # a registration model directory's copy of the TRUS gland segmenter it pre-aligns with
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +65,20 @@ def _fold_registration(model):
     return fold_batchnorm(model)
 
 
-NETWORKS = {REGISTRATION: NetworkKind(_build_registration, _check_registration, _fold_registration)}
+def _build_segmenter(**build):
+    from label_reg.segmenter import build_segmenter
+    return build_segmenter(tuple(build["image_shape"]), build["base_filters"])
+
+
+def _check_segmenter(build):
+    shape = [int(n) for n in build["image_shape"]]
+    if len(shape) != 3 or set(build) != {"image_shape", "base_filters"}:
+        raise ValueError("image_shape must be 3 sizes, and base_filters the only other key")
+    return {"image_shape": shape, "base_filters": int(build["base_filters"])}
+
+
+NETWORKS = {REGISTRATION: NetworkKind(_build_registration, _check_registration, _fold_registration),
+            SEGMENTER: NetworkKind(_build_segmenter, _check_segmenter)}
 
 
 def register_network(name, build, check_build, inference=None):

@@ -183,3 +183,39 @@ def check_found(estimate: GlandEstimate, source):
         raise InputError(source, "the TRUS gland segmenter found no prostate gland in this volume (no voxel with "
                                  "probability >= 0.5); cannot pre-align on it")
     return estimate
+
+
+# ------------------------------------------------------------------------------------------------ inference
+class GlandFinder:
+    """A trained segmenter ready to find the gland in raw TRUS volumes (any size, spacing, orientation).
+
+    ``GlandFinder.from_model_dir(path)`` loads a segmenter model directory (:mod:`label_reg.model_dir`, kind
+    ``segmenter``; batch norm folded) through the one inference path (:class:`label_reg.predictor.Predictor`);
+    :meth:`find` returns a :class:`GlandEstimate`, :meth:`probability` the raw probability map and its grid.
+    """
+
+    def __init__(self, predictor):
+        self.predictor = predictor
+        self.grid_config = predictor.preprocess_config or PreprocessConfig(spacing_mm=DEFAULT_GRID.spacing_mm,
+                                                                           shape=predictor.image_shape)
+        if tuple(self.grid_config.shape) != tuple(predictor.image_shape):
+            raise ValueError(f"segmenter grid {self.grid_config.shape} differs from its input {predictor.image_shape}")
+
+    @classmethod
+    def from_model_dir(cls, path):
+        from label_reg.predictor import Predictor
+        return cls(Predictor.from_model_dir(path, folded=True, batch_size=1))
+
+    @property
+    def model_dir(self):
+        return self.predictor.model_dir
+
+    def probability(self, us_image: sitk.Image, source=None):
+        """(probability (X, Y, Z) float32 on the segmenter grid, the grid's Geometry) for a TRUS image."""
+        view = segmenter_inputs(us_image, None, self.grid_config, source)
+        return self.predictor.predict(view)[..., 0], view["grid"]
+
+    def find(self, us_image: sitk.Image, source=None) -> GlandEstimate:
+        """The gland in a TRUS image: largest component of p >= 0.5, its world centre, border contact."""
+        probability, grid = self.probability(us_image, source)
+        return estimate_gland(probability, grid, lio.Geometry.from_image(us_image))
