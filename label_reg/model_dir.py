@@ -160,6 +160,36 @@ def load(model_dir, inference=False):
     return model, info, config
 
 
+def copy_segmenter(source, model_dir):
+    """Copy a segmenter model directory's description and weights into ``model_dir/segmenter/`` (atomically, file
+    by file) so a registration model directory carries the segmenter it pre-aligns with. Returns the record for
+    ``label_reg.json``: ``{"dir": "segmenter", "source": absolute source path}``. InputError if ``source`` is not a
+    segmenter model directory."""
+    import shutil
+    source = pathlib.Path(source)
+    info, _ = read_info(source)
+    if info.get("network") != SEGMENTER:
+        raise InputError(source, f"is not a segmenter model directory (network {info.get('network', REGISTRATION)!r})")
+    if not (source / WEIGHTS_FILE).is_file():
+        raise InputError(source, f"no {WEIGHTS_FILE} (has segmenter training validated at least once?)")
+    target = pathlib.Path(model_dir) / SEGMENTER_DIR
+    target.mkdir(parents=True, exist_ok=True)
+    for name in (WEIGHTS_FILE, INFO_FILE):
+        with atomic_path(target / name) as tmp:
+            shutil.copyfile(source / name, tmp)
+    return {"dir": SEGMENTER_DIR, "source": str(source.resolve())}
+
+
+def segmenter_path(model_dir, info):
+    """The segmenter directory a registration model directory carries (``info["segmenter"]``), or None."""
+    record = info.get("segmenter")
+    if record is None:
+        return None
+    if not isinstance(record, dict) or record.get("dir") != SEGMENTER_DIR:
+        raise InputError(pathlib.Path(model_dir) / INFO_FILE, f"malformed 'segmenter' record {record!r}")
+    return pathlib.Path(model_dir) / SEGMENTER_DIR
+
+
 def takes_moving_label(model_dir):
     """Whether a model directory's registration network takes the MR mask as a third input (MIX+), from its JSON
     alone, without TensorFlow; None when unreadable (:func:`read_info` reports why when the model is loaded)."""

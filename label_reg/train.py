@@ -31,6 +31,30 @@ class TrainConfig(RunConfig):
     alpha: float = option(0.05, "Weight of the multiscale Dice loss.")
     beta: float = option(0.45, "Weight of the SDM MSLE loss; bending energy gets 1 - alpha - beta.")
     moving_label_input: bool = option(True, "Give the network the MR gland mask as a third input (MIX+).")
+    prealign: str = option("trus_centre", "Coarse pre-alignment: trus_centre (the paper: MR gland centre onto the "
+                                          "TRUS volume centre) or trus_gland (onto the TRUS gland centre the "
+                                          "--segmenter_dir segmenter finds; the crop is centred there too).")
+    segmenter_dir: str = option("", "TRUS gland segmenter model directory (label-reg train-segmenter, trained on "
+                                    "the same split) for --prealign=trus_gland; copied into MODEL_DIR/segmenter.")
+    train_centres: str = option("true", "With --prealign=trus_gland, the TRUS gland centres the training pairs are "
+                                        "pre-aligned on: true (from the TRUS masks) or found (the segmenter's). "
+                                        "Validation always uses the found ones, as register does.")
+
+    def __post_init__(self):
+        from label_reg.errors import InputError
+        from label_reg.preprocess import PREALIGN_MODES
+        if self.prealign not in PREALIGN_MODES:
+            raise InputError("--prealign", f"must be one of {', '.join(PREALIGN_MODES)}, got {self.prealign!r}")
+        if self.train_centres not in ("true", "found"):
+            raise InputError("--train_centres", f"must be true or found, got {self.train_centres!r}")
+        if self.prealign == "trus_gland" and not self.segmenter_dir:
+            raise InputError("--segmenter_dir", "is required with --prealign=trus_gland (train one with "
+                                                "label-reg train-segmenter on the same split)")
+
+    def preprocess_config(self):
+        from label_reg.preprocess import PreprocessConfig
+        return PreprocessConfig(spacing_mm=float(self.spacing_mm), shape=tuple(int(n) for n in self.shape),
+                                prealign=self.prealign)
 
     def build_args(self):
         return {"image_shape": tuple(int(n) for n in self.shape),
@@ -78,6 +102,8 @@ def save_best(path, model, config, step, result):
     """The model directory of the best model so far (:func:`label_reg.model_dir.save`)."""
     extra = {"alpha": float(config.alpha), "beta": float(config.beta), "best_step": int(step), "validation": result,
              "training": config.to_json()}
+    if config.prealign == "trus_gland":
+        extra["segmenter"] = model_dir.copy_segmenter(config.segmenter_dir, path)
     model_dir.save(path, model, config.build_args(), config.preprocess_config(), extra)
 
 
@@ -110,5 +136,18 @@ REGISTRATION = Task(
 
 def train(config):
     """Load the data split, pre-process it (cached), and train the registration network for a
-    :class:`TrainConfig`. Returns the summary dict of :meth:`label_reg.trainer.Trainer.run`."""
-    return run_training(REGISTRATION, config)
+    :class:`TrainConfig`. Returns the summary dict of :meth:`label_reg.trainer.Trainer.run`.
+
+    With ``prealign == "trus_gland"`` the validation pairs are pre-aligned on the TRUS gland centre the segmenter
+    (``segmenter_dir``) finds, as ``register`` will do, and the training pairs on the true centres (from the TRUS
+    masks) or the found ones (``train_centres``); the segmenter is copied into the model directory."""
+    if config.prealign != "trus_gland":
+        return run_training(REGISTRATION, config)
+    from label_reg.segmenter import GlandFinder
+    finder = GlandFinder.from_model_dir(config.segmenter_dir)
+    train_pairs, val_pairs = load_split(config)
+    grid = config.preprocess_config()
+    train_cases = load_cases(train_pairs, grid, config.cache_dir, config.progress,
+                             finder if config.train_centres == "found" else None)
+    val_cases = load_cases(val_pairs, grid, config.cache_dir, config.progress, finder)
+    return Trainer(REGISTRATION, config, train_cases, val_cases).run()
