@@ -53,3 +53,39 @@ def trained_model(tiny_train_config):
 
     summary = train(tiny_train_config)
     return pathlib.Path(tiny_train_config.model_dir), summary
+
+
+@pytest.fixture(scope="session")
+def trained_segmenter(phantom_dir, tmp_path_factory):
+    """(model_dir, summary) of one short TRUS gland segmenter run on the phantoms (32^3 at 3 mm, fold 0)."""
+    from label_reg.train_segmenter import SegmenterConfig, train_segmenter
+
+    root = tmp_path_factory.mktemp("tiny_segmenter")
+    config = SegmenterConfig(data_dir=str(phantom_dir), model_dir=str(root / "model"), spacing_mm=TINY_SPACING_MM,
+                             shape=TINY_SHAPE, base_filters=8, batch_size=4, num_steps=60, validate_every=30,
+                             checkpoint_every=60, num_folds=5, fold=0, seed=0, cache_dir=str(root / "cache"),
+                             progress=False)
+    summary = train_segmenter(config)
+    return pathlib.Path(config.model_dir), summary
+
+
+@pytest.fixture(scope="session")
+def gland_model(trained_model, trained_segmenter, tmp_path_factory):
+    """A registration model directory with ``prealign: trus_gland`` that carries the tiny segmenter: the tiny MIX+
+    weights (trained on the TRUS-centre pre-alignment; the tests using it check the plumbing of the gland chain,
+    not its accuracy) with the segmenter attached, as ``label-reg train --prealign=trus_gland`` writes it."""
+    import json
+    import shutil
+
+    from label_reg import model_dir as md
+
+    source = trained_model[0]
+    target = tmp_path_factory.mktemp("gland_model") / "model"
+    target.mkdir()
+    shutil.copyfile(source / md.WEIGHTS_FILE, target / md.WEIGHTS_FILE)
+    info = json.loads((source / md.INFO_FILE).read_text())
+    info["preprocess"]["prealign"] = "trus_gland"
+    info["training"].update(prealign="trus_gland", segmenter_dir=str(trained_segmenter[0]))
+    info["segmenter"] = md.copy_segmenter(trained_segmenter[0], target)
+    (target / md.INFO_FILE).write_text(json.dumps(info, indent=2))
+    return target

@@ -138,3 +138,72 @@ def test_prealign_setting_round_trips_and_old_configs_default_to_the_paper():
         PreprocessConfig(prealign="gland")
     with pytest.raises(InputError, match="'prealign' must be a string"):
         PreprocessConfig.from_dict({"prealign": 3})
+
+
+# ------------------------------------------------------------------------------------------------ training
+def test_segmenter_training_finds_the_gland_better_than_the_volume_centre(trained_segmenter):
+    path, summary = trained_segmenter
+    coarse, best = summary["coarse"], summary["last_validation"]
+    assert summary["steps"] == 60 and summary["train_step_traces"] == 1
+    assert summary["loss_history"][-1] < summary["loss_history"][0]
+    # the paper's anchor (TRUS volume centre) is 4-10 mm off on the phantoms; the found gland is much closer
+    assert best["centre_error_mm"] < 0.6 * coarse["centre_error_mm"]
+    assert summary["best_dsc"] > 0.5 and best["not_found"] == 0
+    finder = segmenter.GlandFinder.from_model_dir(path)
+    assert finder.predictor.input_names == ("fixed_image",) and finder.predictor.output_channels == 1
+
+
+def test_gland_finder_on_a_raw_trus_file(trained_segmenter, phantom_dir):
+    finder = segmenter.GlandFinder.from_model_dir(trained_segmenter[0])
+    name = sorted((phantom_dir / "fixed_images").iterdir())[0]
+    image = io.read_image(name)
+    truth = preprocess.gland_centre_of_mass(io.read_label(phantom_dir / "fixed_labels" / name.name)[0])
+    estimate = finder.find(image, str(name))
+    assert estimate.found and estimate.mask.shape == tuple(finder.grid_config.shape)
+    centre_error = np.linalg.norm(estimate.centre_mm - truth)
+    assert centre_error < np.linalg.norm(io.Geometry.from_image(image).center_world - truth)
+    assert estimate.to_dict()["centre_mm"] == [float(v) for v in estimate.centre_mm]
+
+
+def test_gland_prealigned_training_validates_on_found_centres(trained_segmenter, phantom_dir, tmp_path):
+    """--prealign=trus_gland: validation cases are centred on the segmenter's estimate (what register will see),
+    training cases on the true centres; the model directory carries the segmenter and records the mode."""
+    from label_reg import model_dir as md
+    from label_reg.errors import InputError as Err
+    from label_reg.train import TrainConfig
+    from label_reg.trainer import found_centre, load_cases, load_split
+
+    config = TrainConfig(data_dir=str(phantom_dir), model_dir=str(tmp_path / "m"), spacing_mm=3.0,
+                         shape=(32, 32, 32), prealign="trus_gland", segmenter_dir=str(trained_segmenter[0]))
+    finder = segmenter.GlandFinder.from_model_dir(trained_segmenter[0])
+    _, val_pairs = load_split(config)
+    pair = val_pairs[0]
+    found = load_cases([pair], config.preprocess_config(), str(tmp_path / "cache"), False, finder)[0]
+    true = load_cases([pair], config.preprocess_config(), str(tmp_path / "cache"), False)[0]
+    grid_centre = lambda case: preprocess.Preprocessed.from_arrays(case).grid.center_world  # noqa: E731
+    np.testing.assert_allclose(grid_centre(found), found_centre(finder, pair.fixed_image), atol=1e-6)
+    np.testing.assert_allclose(grid_centre(true), preprocess.gland_centre_of_mass(
+        io.read_label(pair.fixed_label)[0]), atol=1e-6)
+    assert np.linalg.norm(grid_centre(found) - grid_centre(true)) > 1e-3
+    with pytest.raises(Err, match="--segmenter_dir: is required"):
+        TrainConfig(data_dir="d", model_dir="m", prealign="trus_gland")
+    with pytest.raises(Err, match="is not a segmenter model directory"):
+        md.copy_segmenter(tmp_path / "nothing", tmp_path / "x") if False else md.copy_segmenter(
+            _registration_dir(tmp_path), tmp_path / "x")
+
+
+def _registration_dir(tmp_path):
+    from label_reg import model_dir as md
+    from label_reg.network import build_model
+    path = tmp_path / "registration"
+    md.save(path, build_model((16, 16, 16), False, 1), {"image_shape": (16, 16, 16), "moving_label_input": False,
+                                                        "base_filters": 1}, PreprocessConfig(shape=(16, 16, 16)))
+    return path
+
+
+def test_gland_model_fixture_carries_its_segmenter(gland_model):
+    from label_reg import model_dir as md
+    info, config = md.read_info(gland_model)
+    assert config.prealign == "trus_gland"
+    path = md.segmenter_path(gland_model, info)
+    assert (path / md.WEIGHTS_FILE).is_file() and md.read_info(path)[0]["network"] == md.SEGMENTER
