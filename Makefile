@@ -5,18 +5,33 @@ TF_EXTRA  ?= cpu
 PY        := $(VENV)/bin/python
 LABEL_REG := $(VENV)/bin/label-reg
 
-# Training: make train-mixplus DATA=path/to/paired/data [PRESET=cpu] [FOLD=0] [RUNS=runs] [EXTRA="--num_steps=100"]
+# Training: make train-mixplus DATA=path/to/paired/data [PRESET=cpu] [FOLD=0] [PREALIGN=gland] [RUNS=runs]
+#           [EXTRA="--num_steps=100"] [SEGMENTER_EXTRA=...]
+# PREALIGN=gland pre-aligns on the TRUS gland found by that fold's segmenter (runs/segmenter[_PRESET]_foldK), which
+# is trained first unless it is already there; the run is then runs/<experiment>_gland[_PRESET]_foldK.
 DATA   ?= $(LABEL_REG_DEMO_DATA)
 FOLD   ?= 0
 FOLDS  ?= 0 1 2 3 4
 PRESET ?=
+PREALIGN ?=
 RUNS   ?= runs
 EXTRA  ?=
+SEGMENTER_EXTRA ?=
 PRESET_FLAGS = $(if $(PRESET),--flagfile=experiments/$(PRESET).flags)
+SEGMENTER_PRESET_FLAGS = $(if $(wildcard experiments/segmenter_$(PRESET).flags),--flagfile=experiments/segmenter_$(PRESET).flags)
 RUN_NAME = $(1)$(if $(PRESET),_$(PRESET))_fold$(2)
+GLAND = $(filter gland,$(PREALIGN))
+SEGMENTER_DIR = $(RUNS)/$(call RUN_NAME,segmenter,$(1))
+GLAND_FLAGS = $(if $(GLAND),--prealign=trus_gland --segmenter_dir=$(call SEGMENTER_DIR,$(1)))
+# Trains fold $(1)'s segmenter unless its model directory is already complete.
+define ENSURE_SEGMENTER
+test -f $(call SEGMENTER_DIR,$(1))/model.weights.h5 || $(LABEL_REG) train-segmenter \
+  --flagfile=experiments/segmenter.flags $(SEGMENTER_PRESET_FLAGS) --data_dir=$(DATA) \
+  --model_dir=$(call SEGMENTER_DIR,$(1)) --fold=$(1) $(SEGMENTER_EXTRA)
+endef
 
 .PHONY: install test demo bench evaluate export clean-runs check-data \
-        train-mdsc train-sdm train-mix train-mixplus train-all-folds
+        train-mdsc train-sdm train-mix train-mixplus train-all-folds train-segmenter
 
 install: $(VENV)/.installed
 
@@ -32,16 +47,24 @@ test: install
 check-data:
 	@test -n "$(DATA)" || { echo "set DATA=path/to/paired/data (moving_images/, moving_labels/, fixed_images/, fixed_labels/)"; exit 2; }
 
+train-segmenter: install check-data
+	$(LABEL_REG) train-segmenter --flagfile=experiments/segmenter.flags $(SEGMENTER_PRESET_FLAGS) --data_dir=$(DATA) \
+	  --model_dir=$(call SEGMENTER_DIR,$(FOLD)) --fold=$(FOLD) $(SEGMENTER_EXTRA)
+
 train-mdsc train-sdm train-mix train-mixplus: train-%: install check-data
+	$(if $(GLAND),$(call ENSURE_SEGMENTER,$(FOLD)))
 	$(LABEL_REG) train --flagfile=experiments/$*.flags $(PRESET_FLAGS) --data_dir=$(DATA) \
-	  --model_dir=$(RUNS)/$(call RUN_NAME,$*,$(FOLD)) --fold=$(FOLD) $(EXTRA)
+	  --model_dir=$(RUNS)/$(call RUN_NAME,$*$(if $(GLAND),_gland),$(FOLD)) --fold=$(FOLD) \
+	  $(call GLAND_FLAGS,$(FOLD)) $(EXTRA)
 
 # All folds of one experiment, one after the other: make train-all-folds EXPERIMENT=mixplus DATA=... PRESET=cpu
 EXPERIMENT ?= mixplus
 train-all-folds: install check-data
 	for fold in $(FOLDS); do \
+	  $(if $(GLAND),$(call ENSURE_SEGMENTER,$$fold) || exit $$?;) \
 	  $(LABEL_REG) train --flagfile=experiments/$(EXPERIMENT).flags $(PRESET_FLAGS) --data_dir=$(DATA) \
-	    --model_dir=$(RUNS)/$(call RUN_NAME,$(EXPERIMENT),$$fold) --fold=$$fold $(EXTRA) || exit $$?; \
+	    --model_dir=$(RUNS)/$(call RUN_NAME,$(EXPERIMENT)$(if $(GLAND),_gland),$$fold) --fold=$$fold \
+	    $(call GLAND_FLAGS,$$fold) $(EXTRA) || exit $$?; \
 	done
 
 # Score a trained run on its validation fold, and export it for TF Serving:
@@ -61,7 +84,7 @@ BENCH_OUT ?= bench.csv
 bench: install
 	$(PY) tools/bench.py --output $(BENCH_OUT)
 
-# A newcomer's first run: phantoms -> short MIX+ training -> registration of held-out phantoms -> table.
+# A newcomer's first run: phantoms -> segmenter and MIX+ trainings -> registration of held-out phantoms -> table.
 DEMO_OUT ?= demo_out
 demo: install
 	$(PY) tools/demo.py --output_dir $(DEMO_OUT) --overwrite
