@@ -12,27 +12,40 @@
 * ``label_reg.json``: a copy of the model's description (the pre-processing the client must apply: spacing,
   crop shape, intensity clipping; see :mod:`label_reg.preprocess`).
 
+A model that pre-aligns on the TRUS gland (``preprocess.prealign == "trus_gland"``) carries its TRUS gland segmenter
+(:func:`label_reg.model_dir.segmenter_path`); its export has a third signature, ``segment_gland``
+(:func:`add_segmenter`): input ``fixed_image`` float32 (B, Xs, Ys, Zs, 1), the whole TRUS on the *segmenter* grid
+(:func:`label_reg.segmenter.segmenter_inputs`), output ``gland_probability`` (B, Xs, Ys, Zs, 1). Its
+``label_reg.json`` is then the model's description with the ``segmenter`` record (a folder of the model directory)
+replaced by what a client needs to use that signature (:func:`serving_description`): the segmenter grid
+(``spacing_mm``, ``shape``, ``clip_percentile``, where it is placed) and the rule that turns the probability into
+the gland and its centre. Models without a segmenter export as before (two signatures at most, the JSON copied byte
+for byte). The README ("Serving with TF Serving") gives the client's request sequence.
+
 The inputs are *pre-processed* volumes (what :func:`label_reg.preprocess.preprocess_images` returns): resampled to
 the model's spacing, pre-aligned (MR gland centre of mass onto the TRUS centre), cropped around the TRUS centre,
 intensities clipped at the 99th percentile and scaled to [0, 1], masks 0/1; arrays in ITK index order (x, y, z).
 
-The model is loaded as a :class:`label_reg.predictor.Predictor` (rebuilt from code, only weight arrays read:
-nothing executable is loaded from the model directory, Keras ``safe_mode`` semantics); the serving functions call
-its traced forward pass and warping helpers, so the exported graph is the batch-norm-folded network
+The model (and its segmenter) is loaded as a :class:`label_reg.predictor.Predictor` (rebuilt from code, only weight
+arrays read: nothing executable is loaded from the model directory, Keras ``safe_mode`` semantics); the serving
+functions call its traced forward pass and warping helpers, so the exported graph is the batch-norm-folded network
 (:func:`label_reg.inference.fold_batchnorm`), which gives the trained model's inference DDF to float32 rounding. The
 version folder is written into a temporary folder and renamed into place (:func:`label_reg.io.atomic_dir`), so a
 failed export leaves no partial version behind.
 """
+import json
 import pathlib
 import shutil
 
 from label_reg import io as lio
 from label_reg.errors import InputError
 
-__all__ = ["export", "build_serving_module", "SIGNATURE", "LABEL_SIGNATURE"]
+__all__ = ["export", "build_serving_module", "carried_segmenter", "add_segmenter", "serving_description", "SIGNATURE",
+           "LABEL_SIGNATURE", "SEGMENT_SIGNATURE"]
 
 SIGNATURE = "serving_default"
 LABEL_SIGNATURE = "register_with_label"
+SEGMENT_SIGNATURE = "segment_gland"
 
 
 def build_serving_module(predictor):
@@ -84,8 +97,90 @@ def export(model_dir, output_dir, version=1, predictor=None):
     model_dir = pathlib.Path(model_dir)
     predictor = predictor or Predictor.from_model_dir(model_dir)
     module, signatures = build_serving_module(predictor)
+    info, _ = md.read_info(model_dir)
+    finder = carried_segmenter(model_dir, info)
+    if finder is not None:
+        signatures = add_segmenter(module, signatures, finder)
     target = out / str(version)
     with lio.atomic_dir(target, replace=True) as staging:
         tf.saved_model.save(module, str(staging), signatures=signatures)
-        shutil.copyfile(model_dir / md.INFO_FILE, staging / md.INFO_FILE)
+        if finder is None:
+            shutil.copyfile(model_dir / md.INFO_FILE, staging / md.INFO_FILE)
+        else:
+            text = json.dumps(serving_description(info, finder), indent=2, sort_keys=True) + "\n"
+            (staging / md.INFO_FILE).write_text(text)
     return target
+
+
+def carried_segmenter(model_dir, info):
+    """The segmenter a registration model directory carries (:func:`label_reg.model_dir.segmenter_path`) as a
+    :class:`label_reg.segmenter.GlandFinder` whose predictor takes any batch, or None when it carries none.
+    InputError when the carried folder is not a segmenter model directory."""
+    from label_reg import model_dir as md
+    from label_reg.predictor import Predictor
+    from label_reg.segmenter import GlandFinder
+
+    path = md.segmenter_path(model_dir, info)
+    if path is None:
+        return None
+    seg_info, _ = md.read_info(path)
+    if seg_info.get("network") != md.SEGMENTER:
+        raise InputError(path, f"is not a segmenter model directory (network "
+                               f"{seg_info.get('network', md.REGISTRATION)!r})")
+    return GlandFinder(Predictor.from_model_dir(path, folded=True, batch_size=None))
+
+
+def add_segmenter(module, signatures, finder):
+    """Add a TRUS gland segmenter to a serving module (:func:`build_serving_module`): the ``segment_gland``
+    function and the segmenter's variables as attributes; returns ``signatures`` plus ``segment_gland``.
+
+    finder: a :class:`label_reg.segmenter.GlandFinder` whose predictor takes any batch (``batch_size`` None). The
+    signature takes ``fixed_image`` float32 (B, Xs, Ys, Zs, 1) on the segmenter grid (Xs, Ys, Zs: the segmenter's
+    ``shape``) and returns ``gland_probability`` (B, Xs, Ys, Zs, 1) in [0, 1], the predictor's traced forward pass
+    (the same as :meth:`~label_reg.segmenter.GlandFinder.probability`).
+    """
+    import tensorflow as tf
+
+    from label_reg.segmenter import INPUT_NAME, OUTPUT_NAME
+
+    predictor = finder.predictor
+    if predictor.batch_size is not None:
+        raise ValueError("the segmenter's predictor must take any batch (Predictor(..., batch_size=None))")
+    if tuple(predictor.input_names) != (INPUT_NAME,) or predictor.output_channels != 1:
+        raise ValueError(f"{predictor.model.name} is not a segmenter (one input {INPUT_NAME!r}, one output channel)")
+    module.segment = tf.function(lambda fixed_image: {OUTPUT_NAME: predictor.forward({INPUT_NAME: fixed_image})},
+                                 input_signature=[predictor.signature()[INPUT_NAME]])
+    module.segmenter_model = predictor.model
+    module.segmenter_variables = list(predictor.model.variables)
+    return {**signatures, SEGMENT_SIGNATURE: module.segment.get_concrete_function()}
+
+
+def serving_description(info, finder):
+    """The export folder's ``label_reg.json`` for a model carrying a segmenter: ``info`` (the model's parsed
+    description) with its ``segmenter`` record replaced by the section a TF Serving client needs for
+    ``segment_gland``: the signature's names; ``preprocess``, the segmenter grid (``spacing_mm``, ``shape`` (x, y, z)
+    voxels, ``clip_percentile``, and how the grid is placed on the TRUS); ``mask``, how the probability becomes the
+    gland and its centre (:func:`label_reg.segmenter.estimate_gland`); the segmenter's ``build``, ``best_step`` and
+    ``validation`` and the folder it was copied from (``source``)."""
+    from label_reg.preprocess import THRESHOLD
+    from label_reg.segmenter import INPUT_NAME, OUTPUT_NAME
+
+    grid = finder.grid_config
+    seg_info = finder.predictor.info or {}
+    section = {
+        "signature": SEGMENT_SIGNATURE, "input": INPUT_NAME, "output": OUTPUT_NAME,
+        "preprocess": {"spacing_mm": grid.spacing_mm, "shape": list(grid.shape),
+                       "clip_percentile": grid.clip_percentile,
+                       "placement": "TRUS direction, centred on the TRUS volume centre (the world point of continuous "
+                                    "index (size - 1) / 2): origin = centre - direction @ ((shape - 1) / 2 * "
+                                    "spacing_mm); TRUS resampled with cubic B-spline (its minimum outside its field of "
+                                    "view), clipped to [minimum, clip_percentile percentile] of its original voxels "
+                                    "and scaled to [0, 1]"},
+        "mask": {"threshold": THRESHOLD, "connectivity": 26,  # label_reg.segmenter.largest_component
+                 "rule": "largest 26-connected component of gland_probability >= threshold; none: no gland found",
+                 "centre": "mean index of that component's voxels, mapped to TRUS world LPS mm through the grid: "
+                           "the point the MR gland centre of mass is put on (preprocess.prealign trus_gland)"},
+        "build": seg_info.get("build"), "best_step": seg_info.get("best_step"),
+        "validation": seg_info.get("validation"), "source": (info.get("segmenter") or {}).get("source"),
+    }
+    return {**info, "segmenter": section}

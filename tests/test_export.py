@@ -1,4 +1,5 @@
 """SavedModel export for TF Serving: named signature, dynamic batch, same DDF as the Keras model, atomic writes."""
+import dataclasses
 import json
 import os
 import pathlib
@@ -10,7 +11,7 @@ import pytest
 
 from label_reg import datasets, model_dir, network, preprocess
 from label_reg.errors import InputError
-from label_reg.export import LABEL_SIGNATURE, SIGNATURE, export
+from label_reg.export import LABEL_SIGNATURE, SEGMENT_SIGNATURE, SIGNATURE, export
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
@@ -112,3 +113,91 @@ def test_export_of_a_non_model_writes_nothing(tmp_path):
     with pytest.raises(InputError, match="not_a_model"):
         export(tmp_path / "not_a_model", tmp_path / "sm")
     assert not (tmp_path / "sm").exists()
+
+
+# ------------------------------------------------------------------------------------------------ segmenter
+@pytest.fixture(scope="module")
+def gland_exported(gland_model, tmp_path_factory):
+    """The trus_gland model (carrying the tiny segmenter) exported through the command line."""
+    sm = tmp_path_factory.mktemp("gland_export") / "sm"
+    run = subprocess.run([sys.executable, "-m", "label_reg.cli", "export", "--model_dir", str(gland_model),
+                          "--output_dir", str(sm)], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "segment_gland input: fixed_image float32 (batch, 32, 32, 32, 1), the whole TRUS at 3 mm" in run.stdout
+    return sm / "1"
+
+
+def test_model_without_segmenter_has_no_segment_gland_signature(exported):
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(str(exported / "1"))
+    assert set(loaded.signatures) == {SIGNATURE}
+    assert "segmenter" not in json.loads((exported / "1" / "label_reg.json").read_text())
+
+
+def test_export_describes_the_segmenter_grid_and_mask_rule(gland_exported, gland_model, trained_segmenter):
+    info = json.loads((gland_exported / "label_reg.json").read_text())
+    source = json.loads((gland_model / "label_reg.json").read_text())
+    seg_source = json.loads((trained_segmenter[0] / "label_reg.json").read_text())
+    assert info["preprocess"] == source["preprocess"] and info["preprocess"]["prealign"] == "trus_gland"
+    assert info["build"] == source["build"]  # the registration description is kept as it is
+    seg = info["segmenter"]
+    assert (seg["signature"], seg["input"], seg["output"]) == (SEGMENT_SIGNATURE, "fixed_image", "gland_probability")
+    grid = seg_source["preprocess"]
+    assert {k: seg["preprocess"][k] for k in ("spacing_mm", "shape", "clip_percentile")} == \
+        {k: grid[k] for k in ("spacing_mm", "shape", "clip_percentile")}
+    assert seg["preprocess"]["shape"] == [32, 32, 32] and seg["preprocess"]["spacing_mm"] == 3.0
+    assert seg["mask"]["threshold"] == preprocess.THRESHOLD and seg["mask"]["connectivity"] == 26
+    assert seg["build"] == seg_source["build"] and seg["best_step"] == seg_source["best_step"]
+    assert seg["source"] == source["segmenter"]["source"] and "dir" not in seg  # no segmenter folder in the export
+
+
+def test_segment_gland_matches_the_gland_finder_and_the_chain_matches_the_predictor(gland_exported, gland_model,
+                                                                                   phantom_dir):
+    """The README's client sequence, with the SavedModel in place of the Python predictors: segment_gland gives
+    GlandFinder's probability; the centre found from it pre-aligns the pair; serving_default then gives the
+    registration predictor's DDF."""
+    import tensorflow as tf
+
+    from label_reg import io as lio
+    from label_reg import segmenter
+    from label_reg.predictor import Predictor
+
+    loaded = tf.saved_model.load(str(gland_exported))
+    assert set(loaded.signatures) == {SIGNATURE, SEGMENT_SIGNATURE}
+    segment, serve = loaded.signatures[SEGMENT_SIGNATURE], loaded.signatures[SIGNATURE]
+    assert set(segment.structured_input_signature[1]) == {"fixed_image"}
+    assert set(segment.structured_outputs) == {"gland_probability"}
+    info = json.loads((gland_exported / "label_reg.json").read_text())
+    seg_grid = preprocess.PreprocessConfig(**{k: info["segmenter"]["preprocess"][k]
+                                              for k in ("spacing_mm", "shape", "clip_percentile")})
+    carried = model_dir.segmenter_path(gland_model, model_dir.read_info(gland_model)[0])
+    assert carried is not None
+    finder = segmenter.GlandFinder.from_model_dir(carried)
+    predictor = Predictor.from_model_dir(gland_model)
+    pairs = datasets.discover_pairs(phantom_dir)
+    heldout = set(datasets.kfold_split([p.name for p in pairs], 5, 0, 0)[1])
+    pairs = [p for p in pairs if p.name in heldout][:2]
+    us = [lio.read_image(p.fixed_image) for p in pairs]
+    # (1) the TRUS on the segmenter grid, (2) segment_gland, batch of 2
+    views = [segmenter.segmenter_inputs(image, None, seg_grid, "trus") for image in us]
+    out = segment(fixed_image=tf.constant(np.stack([v["fixed_image"][..., None] for v in views])))
+    probability = out["gland_probability"].numpy()
+    assert probability.shape == (2, 32, 32, 32, 1)
+    for i, (pair, image, view) in enumerate(zip(pairs, us, views)):
+        expected, grid = finder.probability(image)
+        assert grid == view["grid"] and expected.max() > 0.5 > expected.min()
+        np.testing.assert_allclose(probability[i, ..., 0], expected, atol=1e-5)
+        # (3) largest component >= 0.5 and its world centre
+        found = segmenter.estimate_gland(probability[i, ..., 0], view["grid"], lio.Geometry.from_image(image))
+        reference = finder.find(image)
+        assert found.found and np.array_equal(found.mask, reference.mask)
+        np.testing.assert_allclose(found.centre_mm, reference.centre_mm, atol=1e-6)
+        # (4) pre-processed on the found centre, (5) serving_default gives the registration predictor's DDF
+        case = preprocess.preprocess_pair(dataclasses.replace(pair, fixed_label=None), predictor.preprocess_config,
+                                          fixed_centre_mm=found.centre_mm)
+        inputs = {name: tf.constant(value) for name, value in predictor.case_inputs(case).items()}
+        ddf = serve(**inputs)["ddf"].numpy()[0]
+        expected_ddf = predictor.predict(case)
+        assert np.abs(expected_ddf).max() > 0.1
+        np.testing.assert_allclose(ddf, expected_ddf, atol=1e-5)

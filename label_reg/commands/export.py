@@ -4,8 +4,12 @@
 
 writes ``SM/1/`` (saved_model.pb, variables/, and a copy of label_reg.json with the pre-processing the client must
 apply). Serve it with ``tensorflow_model_server --rest_api_port=8501 --model_name=label_reg --model_base_path=$PWD/SM``.
+A model pre-aligned on the TRUS gland also gets a ``segment_gland`` signature (its segmenter) and the segmenter
+grid in label_reg.json.
 See :mod:`label_reg.export` for the signature. ``--model`` is an alias of ``--model_dir``.
 """
+import json
+
 from absl import flags
 from absl import logging
 
@@ -37,4 +41,10 @@ def main(argv):
           f"pre-processed at {predictor.preprocess_config.spacing_mm:g} mm")
     print("  outputs: ddf, warped_moving_image"
           + (", warped_moving_label" if "moving_label" in predictor.input_names else ""))
+    segmenter = json.loads((path / "label_reg.json").read_text()).get("segmenter")
+    if segmenter:
+        grid = segmenter["preprocess"]
+        print(f"  {segmenter['signature']} input: {segmenter['input']} float32 (batch, "
+              f"{', '.join(str(n) for n in grid['shape'])}, 1), the whole TRUS at {grid['spacing_mm']:g} mm around "
+              f"its volume centre; output: {segmenter['output']}")
     return 0
