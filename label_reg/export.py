@@ -163,7 +163,7 @@ def serving_description(info, finder):
     gland and its centre (:func:`label_reg.segmenter.estimate_gland`); the segmenter's ``build``, ``best_step`` and
     ``validation`` and the folder it was copied from (``source``)."""
     from label_reg.preprocess import THRESHOLD
-    from label_reg.segmenter import INPUT_NAME, OUTPUT_NAME
+    from label_reg.segmenter import CONNECTIVITY, INPUT_NAME, OUTPUT_NAME
 
     grid = finder.grid_config
     seg_info = finder.predictor.info or {}
@@ -176,7 +176,7 @@ def serving_description(info, finder):
                                     "spacing_mm); TRUS resampled with cubic B-spline (its minimum outside its field of "
                                     "view), clipped to [minimum, clip_percentile percentile] of its original voxels "
                                     "and scaled to [0, 1]"},
-        "mask": {"threshold": THRESHOLD, "connectivity": 26,  # label_reg.segmenter.largest_component
+        "mask": {"threshold": THRESHOLD, "connectivity": CONNECTIVITY,  # label_reg.segmenter.largest_component
                  "rule": "largest 26-connected component of gland_probability >= threshold; none: no gland found",
                  "centre": "mean index of that component's voxels, mapped to TRUS world LPS mm through the grid: "
                            "the point the MR gland centre of mass is put on (preprocess.prealign trus_gland)"},

@@ -181,13 +181,23 @@ def copy_segmenter(source, model_dir):
 
 
 def segmenter_path(model_dir, info):
-    """The segmenter directory a registration model directory carries (``info["segmenter"]``), or None."""
+    """The segmenter directory a registration model directory carries (``info["segmenter"]``), or None when it
+    carries none. InputError when a ``trus_gland`` model carries none, or its segmenter folder is incomplete: such a
+    model cannot pre-align."""
     record = info.get("segmenter")
+    description = pathlib.Path(model_dir) / INFO_FILE
     if record is None:
+        if (info.get("preprocess") or {}).get("prealign") == "trus_gland":
+            raise InputError(description, "pre-aligns on the TRUS gland (prealign trus_gland) but carries no "
+                                          f"segmenter (no 'segmenter' record, no {SEGMENTER_DIR}/ folder)")
         return None
     if not isinstance(record, dict) or record.get("dir") != SEGMENTER_DIR:
-        raise InputError(pathlib.Path(model_dir) / INFO_FILE, f"malformed 'segmenter' record {record!r}")
-    return pathlib.Path(model_dir) / SEGMENTER_DIR
+        raise InputError(description, f"malformed 'segmenter' record {record!r}")
+    path = pathlib.Path(model_dir) / SEGMENTER_DIR
+    for name in (INFO_FILE, WEIGHTS_FILE):
+        if not (path / name).is_file():
+            raise InputError(path, f"the carried segmenter is incomplete (no {name})")
+    return path
 
 
 def takes_moving_label(model_dir):

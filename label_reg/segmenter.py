@@ -11,7 +11,7 @@ gland on the *TRUS gland* instead of the TRUS volume centre (SPEC section 2b).
   conv block; a 1x1x1 sigmoid head. Input ``fixed_image`` (B, X, Y, Z, 1) in [0, 1]; output
   ``gland_probability`` (B, X, Y, Z, 1). Shapes that are not multiples of 8 are padded inside the model.
 * **Loss** (:func:`label_reg.losses.segmentation_loss`): soft Dice + binary cross-entropy, per sample.
-* **Mask and centre** (:func:`estimate_gland`): the largest connected component (26-connectivity) of
+* **Mask and centre** (:func:`estimate_gland`): the largest connected component (:data:`CONNECTIVITY`, 26) of
   ``p >= 0.5``; its centre of mass in TRUS world mm (LPS) is the point the registration pre-alignment uses.
 
 Arrays are float32 in ITK index order (x, y, z); world coordinates are ITK's LPS millimetres.
@@ -33,6 +33,7 @@ DEFAULT_GRID = PreprocessConfig(spacing_mm=2.0, shape=(48, 48, 40))
 LEVELS = 4  # resolutions 1, 1/2, 1/4, 1/8
 INPUT_NAME = "fixed_image"
 OUTPUT_NAME = "gland_probability"
+CONNECTIVITY = 26  # voxel neighbourhood of the mask clean-up: faces, edges and corners
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -126,9 +127,10 @@ class GlandEstimate:
 
 
 def largest_component(probability, threshold=THRESHOLD):
-    """Boolean mask of the largest 26-connected component of ``probability >= threshold`` (all False if none)."""
+    """Boolean mask of the largest :data:`CONNECTIVITY`-connected component of ``probability >= threshold``
+    (all False if none)."""
     binary = np.asarray(probability) >= threshold
-    labels, count = ndimage.label(binary, structure=np.ones((3, 3, 3), bool))
+    labels, count = ndimage.label(binary, structure=ndimage.generate_binary_structure(3, 3))
     if count <= 1:
         return binary
     sizes = np.bincount(labels.ravel())[1:]
