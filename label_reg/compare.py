@@ -1,8 +1,10 @@
 """Cross-validation tables: our per-case results beside the paper's Table 1, paired tests, legacy NiftyNet outputs.
 
 * :func:`load_results` concatenates per-case CSVs written by ``label-reg evaluate`` (one per fold and method). The
-  ``Coarse`` rows of a case are the same whichever model was evaluated, so only the first is kept; any other
-  repeated (method, case) is an error naming both files.
+  pre-alignment rows of a case (``Coarse``, ``Coarse (found gland)``, ``Coarse (true gland)``) are the same whichever
+  model was evaluated, so only the first is kept; ``Coarse (found gland)`` depends on the segmenter, so its copies
+  must agree (else an error naming both files: they were found by different segmenters). Any other repeated
+  (method, case) is an error naming both files.
 * :func:`score_niftynet` scores a folder of legacy NiftyNet / label-reg outputs, ``<subject>_niftynet_out.nii.gz``:
   the moving (MR) labels resampled into the fixed (TRUS) space on the TRUS image grid, 3-D (gland only) or 4-D
   (gland and landmarks, channels last, as the fixed labels). They are scored against ``DATA/fixed_labels/<subject>``
@@ -10,8 +12,9 @@
   so ∇|J| and folding are NaN; the TRE is measured on the TRUS grid, i.e. in TRUS world space, so it also fills
   ``tre_world_mm``.
 * :func:`compare` puts it together: our summary (mean (median) ± SD), :func:`label_reg.report.side_by_side` with
-  the paper's Table 1 and Hu et al. 2018, and paired Wilcoxon signed-rank p-values between every two of our methods
-  (legacy row included) on the cases they share.
+  the paper's Table 1 and Hu et al. 2018, the TRUS gland segmenter's scores when the CSVs hold them, and paired
+  Wilcoxon signed-rank p-values between every two of our methods (legacy row included; e.g. ``MIX+ (found gland)``
+  against the paper pipeline's ``MIX+``) and between the pre-alignments, on the cases they share.
 
 No TensorFlow here.
 """
@@ -28,7 +31,9 @@ import SimpleITK as sitk
 from label_reg import io as lio
 from label_reg import metrics, report
 from label_reg.errors import InputError
-from label_reg.evaluate import COARSE, RESULT_COLUMNS, TABLE_NOTE, read_per_case, summary_table
+from label_reg.evaluate import (COARSE_FOUND, METRIC_COLUMNS, PREALIGNMENT_NOTE, PREALIGNMENT_ROWS,
+                                RESULT_COLUMNS, SEGMENTER_COLUMNS, SEGMENTER_NOTE, TABLE_NOTE, read_per_case,
+                                segmenter_table, summary_table)
 
 __all__ = ["LEGACY_METHOD", "LEGACY_SUFFIX", "load_results", "legacy_outputs", "read_legacy_labels",
            "score_niftynet", "method_pairs", "compare", "Comparison"]
@@ -39,8 +44,12 @@ WILCOXON_METRICS = ("dsc", "tre_mm", "tre_world_mm")
 
 
 # ------------------------------------------------------------------------------------------- our results
+AGREE_ATOL = 1e-3  # two copies of a case's Coarse (found gland) row agree to this (DSC fraction, mm, voxels)
+
+
 def load_results(paths) -> pd.DataFrame:
-    """Concatenate per-case CSVs; Coarse rows deduplicated by case (first kept); a ``source`` column names the file."""
+    """Concatenate per-case CSVs; pre-alignment rows deduplicated by case (first kept; the copies of a
+    ``Coarse (found gland)`` row must agree); a ``source`` column names the file."""
     paths = [pathlib.Path(p) for p in paths]
     if not paths:
         raise InputError("--results", "no per-case CSV given")
@@ -52,17 +61,33 @@ def load_results(paths) -> pd.DataFrame:
         for i, (case, method) in enumerate(zip(df["case"], df["method"])):
             key = (method, case)
             if key in seen:
-                if method == COARSE:
+                if method in PREALIGNMENT_ROWS:
+                    if method == COARSE_FOUND:
+                        _check_agreement(seen[key], path, df.iloc[i], method, case)
                     keep.append(False)
                     continue
-                raise InputError(path, f"method '{method}' case '{case}' is already in {seen[key]}; each method "
+                raise InputError(path, f"method '{method}' case '{case}' is already in {seen[key][0]}; each method "
                                        "may score a case once (give each run its own --method name)")
-            seen[key] = path
+            seen[key] = (path, df.iloc[i])
             keep.append(True)
         frames.append(df[np.asarray(keep, dtype=bool)])
     out = pd.concat(frames, ignore_index=True)
     columns = [c for c in RESULT_COLUMNS if c in out.columns] + [c for c in out.columns if c not in RESULT_COLUMNS]
     return out[columns]
+
+
+def _check_agreement(first, path, row, method, case):
+    """InputError when a repeated pre-alignment row differs from its first copy ``first`` = (path, row)."""
+    first_path, first_row = first
+    columns = [c for c in METRIC_COLUMNS + SEGMENTER_COLUMNS if c in row.index and c in first_row.index]
+    a = pd.to_numeric(first_row[columns], errors="coerce").to_numpy(np.float64)
+    b = pd.to_numeric(row[columns], errors="coerce").to_numpy(np.float64)
+    if not np.allclose(a, b, rtol=0.0, atol=AGREE_ATOL, equal_nan=True):
+        differ = [c for c, x, y in zip(columns, a, b)
+                  if not np.isclose(x, y, rtol=0.0, atol=AGREE_ATOL, equal_nan=True)]
+        raise InputError(path, f"'{method}' of case '{case}' differs from {first_path} ({', '.join(differ)}): the "
+                               "two evaluations found the TRUS gland with different segmenters or grids; compare "
+                               "runs of one segmenter")
 
 
 # ------------------------------------------------------------------------------------------- legacy NiftyNet
@@ -166,13 +191,17 @@ def score_niftynet(niftynet_dir, data_dir, cases=None, method=LEGACY_METHOD) -> 
 
 # ------------------------------------------------------------------------------------------- tables
 def method_pairs(per_case, min_shared=1):
-    """(a, b) for every two non-Coarse methods that score at least ``min_shared`` common cases, ordered so that
-    ``a`` comes later in the paper's order (MIX+ vs MIX, as in the paper's test); the legacy NiftyNet row is always
-    ``b`` (ours vs legacy)."""
-    methods = sorted((m for m in per_case["method"].unique() if m != COARSE),
+    """(a, b) for every two pre-alignment rows (``Coarse (found gland)`` vs ``Coarse``, ``Coarse (true gland)`` vs
+    both), then every two other methods, that score at least ``min_shared`` common cases, ordered so that ``a`` comes
+    later in the paper's order (MIX+ vs MIX, as in the paper's test; ``MIX+ (found gland)`` vs ``MIX+``); the legacy
+    NiftyNet row is always ``b`` (ours vs legacy)."""
+    present = set(per_case["method"].unique())
+    coarse = [m for m in PREALIGNMENT_ROWS if m in present]
+    methods = sorted((m for m in present if m not in PREALIGNMENT_ROWS),
                      key=lambda m: (m != LEGACY_METHOD, report.method_sort_key(m)))
-    cases = {m: set(per_case.loc[per_case["method"] == m, "case"]) for m in methods}
-    return [(b, a) for a, b in itertools.combinations(methods, 2) if len(cases[a] & cases[b]) >= min_shared]
+    cases = {m: set(per_case.loc[per_case["method"] == m, "case"]) for m in coarse + methods}
+    return [(b, a) for group in (coarse, methods) for a, b in itertools.combinations(group, 2)
+            if len(cases[a] & cases[b]) >= min_shared]
 
 
 def _pvalue_table(pvalues):
@@ -195,6 +224,7 @@ class Comparison:
     summary: pd.DataFrame
     pvalues: pd.DataFrame
     text: str
+    segmenter: pd.DataFrame | None = None
 
 
 def compare(results, niftynet_dir=None, data_dir=None, paper=None) -> Comparison:
@@ -221,6 +251,12 @@ def compare(results, niftynet_dir=None, data_dir=None, paper=None) -> Comparison
                                                   errors="coerce").dropna()})
     counts = ", ".join(f"{m} {int((per_case['method'] == m).sum())}"
                        for m in sorted(per_case["method"].unique(), key=report.method_sort_key))
+    notes = [TABLE_NOTE, ""]
+    if len(set(per_case["method"]) & set(PREALIGNMENT_ROWS)) > 1:
+        notes += [PREALIGNMENT_NOTE, ""]
+    segmenter = segmenter_table(per_case)
+    if segmenter is not None:
+        notes += ["# TRUS gland segmenter", "", report.to_markdown(segmenter), "", SEGMENTER_NOTE, ""]
     text = "\n".join([
         "# Our results",
         "",
@@ -228,8 +264,7 @@ def compare(results, niftynet_dir=None, data_dir=None, paper=None) -> Comparison
         "",
         report.to_markdown(summary),
         "",
-        TABLE_NOTE,
-        "",
+        *notes,
         "# Beside the paper's Table 1 and Hu et al. 2018",
         "",
         report.side_by_side(summary, paper),
@@ -239,4 +274,4 @@ def compare(results, niftynet_dir=None, data_dir=None, paper=None) -> Comparison
         _pvalue_table(pvalues),
         "",
     ])
-    return Comparison(per_case, summary, pvalues, text)
+    return Comparison(per_case, summary, pvalues, text, segmenter)

@@ -6,11 +6,31 @@ zero boundary; masks are binarised at 0.5 by :mod:`label_reg.metrics`) and :func
 scores it against the TRUS labels at the working resolution in the fixed (TRUS) crop space. A ``Coarse`` row scores
 the pre-alignment alone (no DDF, so the DDF metrics are NaN).
 
+Pre-alignment rows (each pair pre-processed once per anchor, each version cached under its own key):
+
+* ``Coarse``: the paper's, MR gland centre of mass on the TRUS volume centre (always).
+* ``Coarse (found gland)``: on the TRUS gland centre a segmenter FINDS in the TRUS image
+  (:meth:`label_reg.segmenter.GlandFinder.find`, as ``register`` does; the TRUS volume centre, with a warning, when it
+  finds nothing); cached under the segmenter's weights, as :func:`label_reg.trainer.load_cases` does.
+* ``Coarse (true gland)``: on the centre of mass of the TRUS gland mask: the ceiling of the found-gland
+  pre-alignment, only possible where the TRUS mask is known.
+
+The last two (and the segmenter columns) appear when a segmenter is at hand: the one a ``prealign == "trus_gland"``
+model directory carries, or ``segmenter_dir`` for a paper-pipeline model. The model row is scored on the model's own
+pre-alignment: the found gland centre for a ``trus_gland`` model (named e.g. ``MIX+ (found gland)``), the TRUS volume
+centre for a ``trus_centre`` one (``MIX+``). ``true_gland_model_row`` adds the network on the true gland centre
+(``MIX+ (true gland)``), the ceiling of the found-gland pipeline. On the ``Coarse (found gland)`` row, and on the model
+row of a ``trus_gland`` model, ``segmenter_dsc`` is the Dice of the found gland (largest component of p >= 0.5)
+against the TRUS gland mask on the segmenter grid and ``segmenter_centre_error_mm`` the distance between their
+centres of mass (the true one from the original TRUS label file), :func:`label_reg.segmenter.gland_error`; NaN on the
+other rows.
+
 ``tre_world_mm`` is the landmark TRE measured in the ORIGINAL image spaces, independent of the crop grid's
 resolution: the centroid (world mm) of each TRUS landmark in the original TRUS label file is mapped through the total
 transform of :mod:`label_reg.transform` (pre-alignment translation plus the DDF, or the translation alone for
 ``Coarse``) into MR world space and compared with the centroid (world mm) of the paired landmark in the original MR
-label file; the per-patient value is the mean over landmarks whose two centroids exist.
+label file; the per-patient value is the mean over landmarks whose two centroids exist. Each row uses its own
+translation and crop grid.
 
 TensorFlow is imported only when a model is evaluated, so the table helpers here are cheap to import.
 """
@@ -33,15 +53,22 @@ from label_reg.errors import InputError
 from label_reg.preprocess import Preprocessed, preprocess_pair
 
 __all__ = [
-    "COARSE", "METRIC_COLUMNS", "RESULT_COLUMNS", "method_name", "resolve_cases", "Evaluator",
-    "landmark_centroids_world", "world_tre_mm", "summary_table", "summary_markdown", "read_per_case",
-    "evaluate", "EvaluationResult",
+    "COARSE", "COARSE_FOUND", "COARSE_TRUE", "PREALIGNMENT_ROWS", "FOUND_SUFFIX", "TRUE_SUFFIX", "METRIC_COLUMNS",
+    "SEGMENTER_COLUMNS", "RESULT_COLUMNS", "method_name", "resolve_cases", "Evaluator", "landmark_centroids_world",
+    "world_tre_mm", "summary_table", "summary_markdown", "segmenter_table", "read_per_case", "evaluate",
+    "EvaluationResult",
 ]
 
 COARSE = "Coarse"
+FOUND_SUFFIX = " (found gland)"
+TRUE_SUFFIX = " (true gland)"
+COARSE_FOUND = COARSE + FOUND_SUFFIX
+COARSE_TRUE = COARSE + TRUE_SUFFIX
+PREALIGNMENT_ROWS = (COARSE, COARSE_FOUND, COARSE_TRUE)
 METRIC_COLUMNS = ("dsc", "dsc_base", "dsc_mid", "dsc_apex", "tre_mm", "tre_world_mm", "hd95_mm",
                   "jacobian_gradient", "folding_fraction", "landmarks_missing")
-RESULT_COLUMNS = ("case", "method", "fold") + METRIC_COLUMNS
+SEGMENTER_COLUMNS = ("segmenter_dsc", "segmenter_centre_error_mm")
+RESULT_COLUMNS = ("case", "method", "fold") + METRIC_COLUMNS + SEGMENTER_COLUMNS
 WORLD_TRE_HEADER = "TRE world mm"
 
 
@@ -49,7 +76,15 @@ WORLD_TRE_HEADER = "TRE world mm"
 def method_name(info) -> str:
     """The paper's name of a trained model from its loss weights and build: alpha>0, beta=0 -> mDSC;
     alpha=0, beta>0 -> SDM; both > 0 -> MIX, or MIX+ when the network takes the MR mask as a third input.
-    Anything else (e.g. bending energy alone) gets a descriptive name."""
+    Anything else (e.g. bending energy alone) gets a descriptive name. A model pre-aligned on the found TRUS gland
+    (``preprocess.prealign == "trus_gland"``) gets " (found gland)" appended (``MIX+ (found gland)``), so it is told
+    apart from the paper pipeline's ``MIX+`` in ``compare``."""
+    name = _loss_name(info)
+    prealign = (info.get("preprocess") or {}).get("prealign", "trus_centre")
+    return name + FOUND_SUFFIX if prealign == "trus_gland" else name
+
+
+def _loss_name(info) -> str:
     alpha, beta = float(info.get("alpha", float("nan"))), float(info.get("beta", float("nan")))
     with_label = bool(info.get("build", {}).get("moving_label_input", False))
     if alpha > 0 and beta == 0:
@@ -166,8 +201,10 @@ class Evaluator:
         return ddf, self.predictor.warp(pre.moving_label, ddf, "zero")
 
 
-def _preprocessed(pair, config, cache):
-    arrays = cache.get_or_compute(pair, lambda p: preprocess_pair(p, config).to_arrays())
+def _preprocessed(pair, config, cache, fixed_centre_mm=None):
+    if getattr(pair, "fixed_label", None) is None:
+        raise InputError(pair.fixed_image, "no fixed (TRUS) labels to evaluate against")
+    arrays = cache.get_or_compute(pair, lambda p: preprocess_pair(p, config, fixed_centre_mm).to_arrays())
     pre = Preprocessed.from_arrays(arrays, source=f"pre-processed case {pair.name}")
     if pre.fixed_label is None:
         raise InputError(pair.fixed_image, "no fixed (TRUS) labels to evaluate against")
@@ -178,19 +215,72 @@ def _preprocessed(pair, config, cache):
     return pre
 
 
-def _case_rows(pair, pre, ddf, warped, method, fold):
-    spacing = pre.grid.spacing
-    fixed_channels = lio.read_label(pair.fixed_label)
-    moving_channels = lio.read_label(pair.moving_label)
-    fixed_c = landmark_centroids_world(fixed_channels)
-    moving_c = landmark_centroids_world(moving_channels)
-    rows = []
-    for name, labels, field in ((COARSE, pre.moving_label, None), (method, warped, ddf)):
-        row = {"case": pair.name, "method": name, "fold": fold}
-        row.update(metrics.case_metrics(pre.fixed_label, labels, field, spacing))
-        row["tre_world_mm"] = world_tre_mm(fixed_c, moving_c, field, pre.grid, pre.translation_mm)[0]
-        rows.append(row)
-    return rows
+class _Cases:
+    """The versions of a pair the rows are scored on, each pre-processed with the model's working grid and cached
+    under its own key: ``centre`` (the paper's TRUS volume centre; config with ``prealign`` trus_centre), ``true``
+    (the TRUS mask's gland centre; trus_gland without a given centre) and, with a ``finder``, ``found`` (the centre
+    the segmenter finds; trus_gland keyed also by the segmenter's weights, the key
+    :func:`label_reg.trainer.load_cases` uses, so a training run's cached validation cases are reused)."""
+
+    def __init__(self, config, cache_dir, finder=None):
+        from label_reg.cache import file_sha256
+        from label_reg.model_dir import WEIGHTS_FILE
+
+        self.finder = finder
+        self.configs = {"centre": dataclasses.replace(config, prealign="trus_centre"),
+                        "true": dataclasses.replace(config, prealign="trus_gland")}
+        self.caches = {name: CaseCache(cache_dir, c.to_dict()) for name, c in self.configs.items()}
+        if finder is not None:
+            self.configs["found"] = self.configs["true"]
+            settings = self.configs["found"].to_dict()
+            settings["fixed_centre_from"] = file_sha256(pathlib.Path(finder.model_dir) / WEIGHTS_FILE)
+            self.caches["found"] = CaseCache(cache_dir, settings)
+
+    def centre(self, pair):
+        return _preprocessed(pair, self.configs["centre"], self.caches["centre"])
+
+    def true(self, pair):
+        return _preprocessed(pair, self.configs["true"], self.caches["true"])
+
+    def found(self, pair):
+        """(pre-processed on the found centre, {segmenter column: value}) for one pair."""
+        from label_reg.preprocess import gland_centre_of_mass, resample_labels
+        from label_reg.segmenter import gland_error
+
+        if getattr(pair, "fixed_label", None) is None:
+            raise InputError(pair.fixed_image, "no fixed (TRUS) labels to evaluate against")
+        image = lio.read_image(pair.fixed_image)
+        estimate = self.finder.find(image, str(pair.fixed_image))
+        if estimate.found:
+            centre = estimate.centre_mm
+        else:
+            print(f"warning: {pair.fixed_image}: the segmenter found no gland; pre-aligning on the TRUS volume centre",
+                  file=sys.stderr)
+            centre = lio.Geometry.from_image(image).center_world
+        labels = lio.read_label(pair.fixed_label, reference=image, reference_name=str(pair.fixed_image))
+        dsc, error = gland_error(estimate, resample_labels(labels[:1], estimate.grid)[..., 0],
+                                 gland_centre_of_mass(labels[0], str(pair.fixed_label)))
+        pre = _preprocessed(pair, self.configs["found"], self.caches["found"], centre)
+        if not np.allclose(pre.grid.center_world, centre, rtol=0.0, atol=1e-6):
+            # Same weights, another centre (e.g. the segmenter's grid settings changed): never use the stale entry.
+            pre = Preprocessed.from_arrays(preprocess_pair(pair, self.configs["found"], centre).to_arrays())
+        return pre, {"segmenter_dsc": dsc, "segmenter_centre_error_mm": error}
+
+
+def _score(pair, pre, labels, ddf, method, fold, centroids, extra=None):
+    """One per-case row: the metrics of ``labels`` (the warped or pre-aligned MR labels on ``pre``'s crop grid)
+    against the TRUS labels, and the world TRE through ``pre``'s own translation and crop grid (and ``ddf``)."""
+    row = {"case": pair.name, "method": method, "fold": fold}
+    row.update(metrics.case_metrics(pre.fixed_label, labels, ddf, pre.grid.spacing))
+    row["tre_world_mm"] = world_tre_mm(*centroids, ddf, pre.grid, pre.translation_mm)[0]
+    row.update(extra or {})
+    return row
+
+
+def _centroids(pair):
+    """World landmark centroids (TRUS, MR) of a pair's original label files."""
+    return (landmark_centroids_world(lio.read_label(pair.fixed_label)),
+            landmark_centroids_world(lio.read_label(pair.moving_label)))
 
 
 # ------------------------------------------------------------------------------------------- tables
@@ -214,9 +304,36 @@ def summary_markdown(per_case):
     return report.to_markdown(summary_table(per_case))
 
 
+def segmenter_table(per_case):
+    """The TRUS gland segmenter's scores, one row, or None when ``per_case`` holds none: cases, gland DSC % and
+    centre-of-mass error in mm (mean (median) ± SD), and how many cases it found no gland in. Taken from the
+    ``Coarse (found gland)`` rows (one per case), else from any rows with a segmenter DSC, one per case."""
+    if not set(SEGMENTER_COLUMNS) <= set(per_case.columns):
+        return None
+    scored = per_case[np.isfinite(pd.to_numeric(per_case["segmenter_dsc"], errors="coerce"))]
+    if (scored["method"] == COARSE_FOUND).any():
+        scored = scored[scored["method"] == COARSE_FOUND]
+    scored = scored.drop_duplicates(subset="case")
+    if scored.empty:
+        return None
+    error = pd.to_numeric(scored["segmenter_centre_error_mm"], errors="coerce")
+    row = {"cases": len(scored),
+           "gland DSC %": report.format_stat(pd.to_numeric(scored["segmenter_dsc"], errors="coerce"), 100.0, 1),
+           "centre error mm": report.format_stat(error, 1.0, 1),
+           "not found": int(error.isna().sum())}
+    return pd.DataFrame([row], index=pd.Index(["TRUS gland segmenter"], name="network"))
+
+
 TABLE_NOTE = ("mean (median) ± SD over cases. DSC in %; TRE mm: landmark centroids at the working resolution in the "
               "TRUS crop; TRE world mm: in the original image spaces through the total transform; HD95 of the gland; "
               "∇|J| ×10⁻² per voxel of the working grid; folding: voxels with det J ≤ 0.")
+PREALIGNMENT_NOTE = ("Coarse: MR gland centre of mass on the TRUS volume centre (the paper); Coarse (found gland): on "
+                     "the TRUS gland centre the segmenter finds in the TRUS image; Coarse (true gland): on the TRUS "
+                     "mask's centre (needs the mask: the ceiling of the found-gland pre-alignment). A method named "
+                     "\"… (found gland)\" is scored on the found centre, \"… (true gland)\" on the true one.")
+SEGMENTER_NOTE = ("Segmenter: Dice of the found gland (largest component of p ≥ 0.5) with the TRUS gland mask on the "
+                  "segmenter grid, and the distance between their centres of mass; a case with no gland found "
+                  "scores Dice 0 and no centre error.")
 
 
 def read_per_case(path) -> pd.DataFrame:
@@ -248,61 +365,132 @@ class EvaluationResult:
     fold: int | None
     output_dir: pathlib.Path
     figures: list
+    segmenter: pd.DataFrame | None = None
 
 
 def _fmt_metric(value, scale=1.0, decimals=1):
     return "–" if value is None or not math.isfinite(value) else f"{value * scale:.{decimals}f}"
 
 
+def _segmenter_source(model_dir, info, config, segmenter_dir):
+    """The segmenter directory evaluation finds TRUS glands with: the one a ``trus_gland`` model carries (no other
+    may be given), else ``segmenter_dir`` (None: no found-gland rows). InputError when it is missing or not a
+    segmenter."""
+    from label_reg import model_dir as md
+
+    carried = md.segmenter_path(model_dir, info)
+    if config.prealign == "trus_gland":
+        if segmenter_dir:
+            raise InputError("--segmenter_dir", f"{model_dir} pre-aligns on the TRUS gland with the segmenter it "
+                                                "carries; evaluating it with another would not score this model")
+        if carried is None:
+            raise InputError(pathlib.Path(model_dir) / md.INFO_FILE, "pre-aligns on the TRUS gland (prealign "
+                                                                     "trus_gland) but names no segmenter")
+        source = carried
+    elif segmenter_dir:
+        source = pathlib.Path(segmenter_dir)
+    else:
+        return None
+    if md.read_info(source)[0].get("network") != md.SEGMENTER:
+        raise InputError(source, "is not a TRUS gland segmenter model directory")
+    return source
+
+
 def evaluate(model_dir, output_dir, data_dir=None, cases_csv=None, split="val", fold=None, method=None,
-             cache_dir=None, figures=False, progress=True, evaluator=None, stream=None) -> EvaluationResult:
+             cache_dir=None, figures=False, progress=True, evaluator=None, stream=None, segmenter_dir=None,
+             true_gland_model_row=False, finder=None) -> EvaluationResult:
     """Evaluate a model directory and write ``OUT/per_case.csv`` and ``OUT/summary.md`` (and, with ``figures``,
     PNGs of the best, median and worst case by gland DSC into ``OUT/figures/``). Prints the summary to ``stream``
-    (default stdout) and a progress line per case to stderr. ``evaluator`` reuses a loaded :class:`Evaluator`."""
+    (default stdout) and a progress line per case to stderr. ``evaluator`` reuses a loaded :class:`Evaluator`.
+
+    Rows (module docstring): ``Coarse``; with a segmenter (carried by a ``trus_gland`` model, or ``segmenter_dir``
+    for a ``trus_centre`` one) ``Coarse (found gland)`` and ``Coarse (true gland)`` and the segmenter columns; the
+    model row on the model's own pre-alignment; with ``true_gland_model_row`` the network on the true gland centre
+    too (``Coarse (true gland)`` is then always present). ``finder`` reuses a loaded
+    :class:`label_reg.segmenter.GlandFinder` of that segmenter."""
     stream = sys.stdout if stream is None else stream
     output_dir = pathlib.Path(output_dir)
     if evaluator is None:
         evaluator = Evaluator.from_model_dir(model_dir)
     info, config = evaluator.info, evaluator.preprocess_config
     method = method or method_name(info)
-    if method == COARSE:
-        raise InputError("--method", f"'{COARSE}' is reserved for the pre-alignment rows")
+    if method in PREALIGNMENT_ROWS:
+        raise InputError("--method", f"'{method}' is reserved for the pre-alignment rows")
+    gland = config.prealign == "trus_gland"
+    segmenter = _segmenter_source(model_dir, info, config, segmenter_dir)
     data_dir, pairs, chosen_fold = resolve_cases(info, data_dir, cases_csv, split, fold)
-    cache = CaseCache(cache_dir or output_dir / ".cache", config.to_dict())
+    if segmenter is not None and finder is None:
+        from label_reg.segmenter import GlandFinder
+        finder = GlandFinder.from_model_dir(segmenter)
+    cases = _Cases(config, cache_dir or output_dir / ".cache", finder if segmenter is not None else None)
+    base = method[:-len(FOUND_SUFFIX)] if method.endswith(FOUND_SUFFIX) else method
+    true_method = base + TRUE_SUFFIX
 
     rows = []
     for i, pair in enumerate(pairs, 1):
         started = time.perf_counter()
-        pre = _preprocessed(pair, config, cache)
+        centroids = _centroids(pair)
+        pre = cases.centre(pair)
+        coarse_row = _score(pair, pre, pre.moving_label, None, COARSE, chosen_fold, centroids)
+        rows.append(coarse_row)
+        found_scores = {}
+        if segmenter is not None:
+            found, found_scores = cases.found(pair)
+            rows.append(_score(pair, found, found.moving_label, None, COARSE_FOUND, chosen_fold, centroids,
+                               found_scores))
+            if gland:
+                pre, coarse_row = found, rows[-1]
+        if segmenter is not None or true_gland_model_row:
+            true = cases.true(pair)
+            rows.append(_score(pair, true, true.moving_label, None, COARSE_TRUE, chosen_fold, centroids))
         ddf, warped = evaluator(pre)
-        coarse_row, model_row = _case_rows(pair, pre, ddf, warped, method, chosen_fold)
-        rows += [coarse_row, model_row]
+        model_row = _score(pair, pre, warped, ddf, method, chosen_fold, centroids, found_scores if gland else None)
+        rows.append(model_row)
+        if true_gland_model_row:
+            true_ddf, true_warped = evaluator(true)
+            rows.append(_score(pair, true, true_warped, true_ddf, true_method, chosen_fold, centroids))
         if progress:
+            found_text = ("" if not found_scores else
+                          f", segmenter DSC {_fmt_metric(found_scores['segmenter_dsc'], 100)} %, centre error "
+                          f"{_fmt_metric(found_scores['segmenter_centre_error_mm'])} mm")
             print(f"[{i}/{len(pairs)}] {pair.name}: DSC {_fmt_metric(coarse_row['dsc'], 100)} -> "
                   f"{_fmt_metric(model_row['dsc'], 100)} %, TRE {_fmt_metric(coarse_row['tre_mm'])} -> "
                   f"{_fmt_metric(model_row['tre_mm'])} mm (world {_fmt_metric(coarse_row['tre_world_mm'])} -> "
-                  f"{_fmt_metric(model_row['tre_world_mm'])} mm), {time.perf_counter() - started:.1f} s",
+                  f"{_fmt_metric(model_row['tre_world_mm'])} mm){found_text}, {time.perf_counter() - started:.1f} s",
                   file=sys.stderr, flush=True)
     per_case = pd.DataFrame(rows, columns=list(RESULT_COLUMNS))
     per_case["fold"] = per_case["fold"].astype("Int64")
     summary = summary_table(per_case)
+    segmenter_summary = segmenter_table(per_case)
 
     where = f"fold {chosen_fold}" if chosen_fold is not None else f"cases from {cases_csv or 'the training case list'}"
-    text = (f"# {method}: {len(pairs)} case(s), {where}\n\n"
-            f"model: {pathlib.Path(model_dir)}  \ndata: {data_dir}  \nworking grid: "
-            f"{'x'.join(map(str, config.shape))} voxels at {config.spacing_mm:g} mm\n\n"
-            f"{report.to_markdown(summary)}\n\n{TABLE_NOTE}\n")
+    anchor = (f"the TRUS gland centre found by the segmenter in {segmenter}" if gland else
+              "the TRUS volume centre (the paper)")
+    parts = [f"# {method}: {len(pairs)} case(s), {where}\n\n"
+             f"model: {pathlib.Path(model_dir)}  \ndata: {data_dir}  \nworking grid: "
+             f"{'x'.join(map(str, config.shape))} voxels at {config.spacing_mm:g} mm  \n"
+             f"pre-alignment of the model: {anchor}\n\n"
+             f"{report.to_markdown(summary)}\n\n{TABLE_NOTE}"]
+    if len(set(per_case["method"]) & set(PREALIGNMENT_ROWS)) > 1:
+        parts.append(PREALIGNMENT_NOTE)
+    if segmenter_summary is not None:
+        parts.append(f"## TRUS gland segmenter ({segmenter})\n\n{report.to_markdown(segmenter_summary)}\n\n"
+                     f"{SEGMENTER_NOTE}")
+    text = "\n\n".join(parts) + "\n"
+
+    def model_case(pair):
+        return cases.found(pair)[0] if gland else cases.centre(pair)
 
     written = []
     with lio.atomic_dir(output_dir) as staging:
         if figures:
-            written = _write_figures(evaluator, per_case, method, {p.name: p for p in pairs}, config, cache,
+            written = _write_figures(evaluator, per_case, method, {p.name: p for p in pairs}, model_case,
                                      staging / "figures")
         per_case.to_csv(staging / "per_case.csv", index=False)
         (staging / "summary.md").write_text(text, encoding="utf-8")
     written = [output_dir / "figures" / path.name for path in written]
     print(text, file=stream, end="")
-    return EvaluationResult(per_case, summary, text, method, chosen_fold, output_dir, written)
+    return EvaluationResult(per_case, summary, text, method, chosen_fold, output_dir, written, segmenter_summary)
 
 
 def _pick_cases(per_case, method):
@@ -320,12 +508,13 @@ def _pick_cases(per_case, method):
     return out
 
 
-def _write_figures(evaluator, per_case, method, pairs, config, cache, folder):
+def _write_figures(evaluator, per_case, method, pairs, model_case, folder):
+    """``model_case(pair)``: the pair pre-processed as the model row was scored."""
     from label_reg import figures
 
     written = []
     for label, case in _pick_cases(per_case, method):
-        pre = _preprocessed(pairs[case], config, cache)
+        pre = model_case(pairs[case])
         ddf, warped = evaluator(pre)
         title = f"{case} ({label} by DSC)"
         written.append(figures.registration_figure(

@@ -76,12 +76,21 @@ def format_stat(values, scale=1.0, decimals=1):
     return f"{_fmt(mean, decimals)} ({_fmt(median, decimals)}) ± {_fmt(sd, decimals)}"
 
 
+# pre-alignment variants of a method name (label_reg.evaluate): "MIX+ (found gland)", "Coarse (true gland)"
+VARIANT_SUFFIXES = (" (found gland)", " (true gland)")
+
+
 def method_sort_key(name):
-    """Coarse, mDSC, SDM, MIX, MIX+ first (the paper's order), then any other method alphabetically."""
-    name = str(name)
+    """Coarse, mDSC, SDM, MIX, MIX+ first (the paper's order), then any other method alphabetically; each name is
+    followed by its pre-alignment variants, "(found gland)" then "(true gland)" (so the Coarse rows come first)."""
+    name, variant = str(name), 0
+    for i, suffix in enumerate(VARIANT_SUFFIXES, 1):
+        if name.endswith(suffix) and len(name) > len(suffix):
+            name, variant = name[:-len(suffix)], i
+            break
     if name in METHOD_ORDER:
-        return (0, METHOD_ORDER.index(name), "")
-    return (1, 0, name)
+        return (0, METHOD_ORDER.index(name), "", variant)
+    return (1, 0, name, variant)
 
 
 def _methods(per_case, methods_column):

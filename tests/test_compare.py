@@ -166,3 +166,75 @@ def test_cli(legacy, phantom_dir, cv_results, tmp_path):
     assert proc.returncode == 2 and proc.stdout == ""
     errors = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(errors) == 1 and f"{names[2]}_niftynet_out.nii.gz" in errors[0]
+
+
+# -------------------------------------------------------------------------------------------- found TRUS gland
+@pytest.fixture
+def gland_results(tmp_path):
+    """One fold evaluated twice, as `evaluate` writes it: the paper pipeline's MIX+ with --segmenter_dir, and the
+    found-gland MIX+ (prealign trus_gland) with the same segmenter, so both files hold the same three pre-alignment
+    rows per case; segmenter columns on the found-gland rows only."""
+    rng = np.random.default_rng(2)
+    cases = [f"case{i:02d}" for i in range(10)]
+    seg = {"segmenter_dsc": rng.uniform(0.8, 0.9, 10), "segmenter_centre_error_mm": rng.uniform(0.5, 3.0, 10)}
+    coarse = _rows("Coarse", cases, 0, rng, 0.70, 10.0)
+    found = _rows("Coarse (found gland)", cases, 0, rng, 0.80, 6.5).assign(**seg)
+    true = _rows("Coarse (true gland)", cases, 0, rng, 0.82, 6.0)
+    paper = pd.concat([coarse, found, true, _rows("MIX+", cases, 0, rng, 0.80, 8.5)])
+    gland = pd.concat([coarse, found, true, _rows("MIX+ (found gland)", cases, 0, rng, 0.87, 5.0).assign(**seg)])
+    paths = [tmp_path / "mixplus_fold0.csv", tmp_path / "mixplus_gland_fold0.csv"]
+    paper.to_csv(paths[0], index=False)
+    gland.to_csv(paths[1], index=False)
+    return paths
+
+
+def test_found_gland_rows_beside_the_paper_pipeline(gland_results):
+    result = compare(gland_results)
+    assert list(result.summary.index) == ["Coarse", "Coarse (found gland)", "Coarse (true gland)", "MIX+",
+                                          "MIX+ (found gland)"]
+    counts = result.per_case["method"].value_counts()
+    assert (counts == 10).all() and len(counts) == 5  # the pre-alignment rows of the two files deduplicated
+    for needle in ("| ours | Coarse (found gland) |", "| ours | MIX+ (found gland) |", "| paper | MIX+ |",
+                   "# TRUS gland segmenter", "| TRUS gland segmenter | 10 | ", "Coarse (true gland): on the TRUS"):
+        assert needle in result.text
+    pv = result.pvalues
+    pairs = list(dict.fromkeys(zip(pv["method_a"], pv["method_b"])))
+    assert pairs == [("Coarse (found gland)", "Coarse"), ("Coarse (true gland)", "Coarse"),
+                     ("Coarse (true gland)", "Coarse (found gland)"), ("MIX+ (found gland)", "MIX+")]
+    row = pv[(pv["method_a"] == "MIX+ (found gland)") & (pv["method_b"] == "MIX+") & (pv["metric"] == "tre_mm")]
+    df = result.per_case.set_index(["method", "case"])
+    cases = sorted(result.per_case["case"].unique())
+    a, b = df.loc["MIX+ (found gland)"].loc[cases, "tre_mm"], df.loc["MIX+"].loc[cases, "tre_mm"]
+    assert int(row["n"].iloc[0]) == 10 and row["p_value"].iloc[0] == pytest.approx(stats.wilcoxon(a, b).pvalue)
+    assert row["median_diff"].iloc[0] == pytest.approx(np.median(a - b)) and row["median_diff"].iloc[0] < 0
+    seg = result.segmenter
+    assert int(seg["cases"].iloc[0]) == 10 and int(seg["not found"].iloc[0]) == 0
+    found = result.per_case[result.per_case["method"] == "Coarse (found gland)"]
+    assert seg["gland DSC %"].iloc[0].startswith(f"{100 * found['segmenter_dsc'].mean():.1f} (")
+
+
+def test_found_gland_rows_of_different_segmenters_are_an_error(gland_results):
+    other = pd.read_csv(gland_results[1])
+    where = (other["method"] == "Coarse (found gland)") & (other["case"] == "case03")
+    other.loc[where, "tre_world_mm"] += 0.5
+    other.to_csv(gland_results[1], index=False)
+    with pytest.raises(InputError) as err:
+        load_results(gland_results)
+    message = str(err.value)
+    assert str(gland_results[0]) in message and str(gland_results[1]) in message and "case03" in message
+    assert "tre_world_mm" in message and "different segmenters" in message and "\n" not in message
+    # the volume-centre Coarse rows are kept first as before (not checked): only the segmenter-dependent rows are
+    other.loc[where, "tre_world_mm"] -= 0.5
+    other.loc[other["method"] == "Coarse", "tre_mm"] += 0.5
+    other.to_csv(gland_results[1], index=False)
+    assert len(load_results(gland_results)) == 50
+
+
+def test_method_order_puts_the_coarse_rows_first():
+    from label_reg.report import method_sort_key
+
+    names = ["MIX+ (true gland)", "NiftyNet (legacy)", "MIX+", "Coarse (true gland)", "SDM (found gland)",
+             "MIX+ (found gland)", "Coarse", "mDSC", "Coarse (found gland)", "SDM"]
+    assert sorted(names, key=method_sort_key) == [
+        "Coarse", "Coarse (found gland)", "Coarse (true gland)", "mDSC", "SDM", "SDM (found gland)", "MIX+",
+        "MIX+ (found gland)", "MIX+ (true gland)", "NiftyNet (legacy)"]

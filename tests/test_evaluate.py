@@ -192,6 +192,9 @@ def test_method_names():
     assert method_name(info(0.0, 0.8, False)) == "SDM"
     assert method_name(info(0.05, 0.45, False)) == "MIX"
     assert method_name(info(0.05, 0.45, True)) == "MIX+"
+    gland = {**info(0.05, 0.45, True), "preprocess": {"prealign": "trus_gland"}}
+    assert method_name(gland) == "MIX+ (found gland)"
+    assert method_name({**info(0.3, 0.0, False), "preprocess": {"prealign": "trus_centre"}}) == "mDSC"
 
 
 def test_case_selection(phantom_dir, tmp_path):
@@ -224,3 +227,195 @@ def test_missing_model_is_an_input_error(tmp_path):
         evaluate(tmp_path / "nope", tmp_path / "out", progress=False)
     assert "nope" in str(err.value) and "\n" not in str(err.value)
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------- found TRUS gland
+GLAND_METHODS = ["Coarse", "Coarse (found gland)", "Coarse (true gland)", "MIX+ (found gland)", "MIX+ (true gland)"]
+
+
+@pytest.fixture(scope="module")
+def evaluated_gland(gland_model, tmp_path_factory):
+    """The CLI on the trus_gland model (it carries the tiny segmenter), with the network on the true centre too."""
+    out = tmp_path_factory.mktemp("evaluate_gland") / "out"
+    proc = subprocess.run([str(LABEL_REG), "evaluate", "--model_dir", str(gland_model), "--output_dir", str(out),
+                           "--true_gland_model_row", "--figures"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+@pytest.fixture(scope="module")
+def evaluated_paper_with_segmenter(trained_model, trained_segmenter, evaluated_other, phantom_dir,
+                                   tmp_path_factory):
+    """The paper-pipeline (trus_centre) model with --segmenter_dir: its found-gland and true-gland Coarse rows."""
+    from label_reg.evaluate import evaluate
+
+    model_dir, _ = trained_model
+    out = tmp_path_factory.mktemp("evaluate_paper_seg") / "out"
+    return evaluate(model_dir, out, data_dir=phantom_dir, fold=0, segmenter_dir=trained_segmenter[0],
+                    progress=False, evaluator=evaluated_other[1], stream=io.StringIO())
+
+
+def _by(df, method):
+    return df[df["method"] == method].set_index("case").sort_index()
+
+
+def test_gland_model_rows_columns_and_summary(evaluated_gland, phantom_dir):
+    out, proc = evaluated_gland
+    df = pd.read_csv(out / "per_case.csv")
+    val = _val_names(phantom_dir)
+    assert sorted(df["method"].unique()) == sorted(GLAND_METHODS) and len(df) == 5 * len(val)
+    for method in GLAND_METHODS:
+        assert sorted(df.loc[df["method"] == method, "case"]) == val
+    found_rows = df["method"].isin(["Coarse (found gland)", "MIX+ (found gland)"])
+    for column in ("segmenter_dsc", "segmenter_centre_error_mm"):
+        assert np.isfinite(df.loc[found_rows, column]).all() and df.loc[~found_rows, column].isna().all()
+    assert df.loc[found_rows, "segmenter_dsc"].between(0.3, 1.0).all()
+    np.testing.assert_array_equal(_by(df, "Coarse (found gland)")["segmenter_dsc"],
+                                  _by(df, "MIX+ (found gland)")["segmenter_dsc"])
+    assert np.isfinite(df["tre_world_mm"]).all()
+    assert df.loc[df["method"].str.startswith("Coarse"), "jacobian_gradient"].isna().all()
+
+    summary = (out / "summary.md").read_text()
+    table = [ln.split(" | ")[0][2:] for ln in summary.splitlines() if ln.startswith("| ")]
+    assert table[1:6] == GLAND_METHODS  # Coarse rows first, then the model on the found and the true centre
+    assert "| TRUS gland segmenter | 4 | " in summary and "the TRUS gland centre found by the segmenter" in summary
+    assert "| TRUS gland segmenter | 4 | " in proc.stdout
+    progress = [ln for ln in proc.stderr.splitlines() if ln.startswith("[")]
+    assert len(progress) == 4 and all("segmenter DSC" in ln for ln in progress)
+    figures = sorted(p.name for p in (out / "figures").glob("*.png"))
+    assert figures and all(name.split("_")[0] in ("best", "median", "worst") for name in figures)
+
+
+def test_found_gland_prealignment_beats_the_volume_centre(evaluated_gland):
+    """On the phantoms the TRUS gland is 4-10 mm off the TRUS volume centre: pre-aligning on the gland the
+    segmenter finds brings the landmarks closer, and on the true gland centre closest (the ceiling)."""
+    out, _ = evaluated_gland
+    df = pd.read_csv(out / "per_case.csv")
+    tre = {m: _by(df, m)["tre_world_mm"] for m in ("Coarse", "Coarse (found gland)", "Coarse (true gland)")}
+    dsc = {m: _by(df, m)["dsc"] for m in tre}
+    assert tre["Coarse (found gland)"].mean() < tre["Coarse"].mean() - 1.0
+    assert tre["Coarse (true gland)"].mean() <= tre["Coarse (found gland)"].mean() + 0.1
+    assert dsc["Coarse (found gland)"].mean() > dsc["Coarse"].mean()
+    assert dsc["Coarse (true gland)"].mean() >= dsc["Coarse (found gland)"].mean() - 0.01
+
+
+def test_gland_model_row_is_scored_on_the_found_centre(evaluated_gland, gland_model, phantom_dir):
+    """Recompute each case independently: the segmenter's centre (GlandFinder on the raw TRUS file), the pair
+    pre-processed there and on the TRUS mask's centre, the network on both. The model row must be the found-centre
+    result and the "(true gland)" row the true-centre one; the two differ, so a model row computed on the true
+    centre fails here. The segmenter columns are recomputed on the segmenter grid too."""
+    from label_reg import io as lio
+    from label_reg import metrics
+    from label_reg.evaluate import Evaluator, landmark_centroids_world, world_tre_mm
+    from label_reg.preprocess import gland_centre_of_mass, preprocess_pair
+    from label_reg.segmenter import GlandFinder, gland_error, segmenter_inputs
+
+    out, _ = evaluated_gland
+    df = pd.read_csv(out / "per_case.csv")
+    evaluator = Evaluator.from_model_dir(gland_model)
+    finder = GlandFinder.from_model_dir(gland_model / "segmenter")
+    pairs = {p.name: p for p in datasets.discover_pairs(phantom_dir)}
+    found_row, true_row = _by(df, "MIX+ (found gland)"), _by(df, "MIX+ (true gland)")
+    differences = []
+    for case in found_row.index:
+        pair = pairs[case]
+        us = lio.read_image(pair.fixed_image)
+        labels = lio.read_label(pair.fixed_label)
+        estimate = finder.find(us)
+        true_centre = gland_centre_of_mass(labels[0])
+        assert np.linalg.norm(estimate.centre_mm - true_centre) > 0.1  # the two anchors are distinct points
+        centroids = (landmark_centroids_world(labels), landmark_centroids_world(lio.read_label(pair.moving_label)))
+        scores = {}
+        for name, pre in (("found", preprocess_pair(pair, evaluator.preprocess_config, estimate.centre_mm)),
+                          ("true", preprocess_pair(pair, evaluator.preprocess_config))):
+            ddf, warped = evaluator(pre)
+            scores[name] = (metrics.case_metrics(pre.fixed_label, warped, ddf, pre.grid.spacing)["dsc"],
+                            world_tre_mm(*centroids, ddf, pre.grid, pre.translation_mm)[0])
+        np.testing.assert_allclose(pre.grid.center_world, true_centre, atol=1e-6)
+        assert found_row.loc[case, "dsc"] == pytest.approx(scores["found"][0], abs=1e-6)
+        assert found_row.loc[case, "tre_world_mm"] == pytest.approx(scores["found"][1], abs=1e-4)
+        assert true_row.loc[case, "tre_world_mm"] == pytest.approx(scores["true"][1], abs=1e-4)
+        differences.append(abs(scores["found"][1] - scores["true"][1]))
+        truth = segmenter_inputs(us, labels[:1], finder.grid_config)["fixed_label"][..., 0]
+        dsc, error = gland_error(estimate, truth, true_centre)
+        assert found_row.loc[case, "segmenter_dsc"] == pytest.approx(dsc, abs=1e-6)
+        assert found_row.loc[case, "segmenter_centre_error_mm"] == pytest.approx(error, abs=1e-6)
+    assert max(differences) > 0.05
+
+
+def test_paper_model_with_a_segmenter_dir(evaluated_paper_with_segmenter, evaluated, evaluated_gland):
+    """--segmenter_dir adds the found- and true-gland Coarse rows to a trus_centre model; its MIX+ row stays on the
+    TRUS volume centre (the same numbers as without), and the found-gland rows equal the gland model's (same
+    segmenter weights, same grid)."""
+    result = evaluated_paper_with_segmenter
+    df = result.per_case
+    assert list(dict.fromkeys(df["method"])) == ["Coarse", "Coarse (found gland)", "Coarse (true gland)", "MIX+"]
+    plain = pd.read_csv(evaluated[0] / "per_case.csv")
+    for method in ("Coarse", "MIX+"):
+        np.testing.assert_allclose(_by(df, method)["tre_world_mm"].to_numpy(float),
+                                   _by(plain, method)["tre_world_mm"].to_numpy(float), atol=1e-9)
+    assert _by(df, "MIX+")["segmenter_dsc"].isna().all()
+    gland = pd.read_csv(evaluated_gland[0] / "per_case.csv")
+    for method in ("Coarse (found gland)", "Coarse (true gland)"):
+        ours, theirs = _by(df, method), _by(gland, method)
+        for column in ("dsc", "tre_mm", "tre_world_mm", "segmenter_dsc", "segmenter_centre_error_mm"):
+            np.testing.assert_allclose(ours[column].to_numpy(float), theirs[column].to_numpy(float), atol=1e-6,
+                                       equal_nan=True)
+    assert result.segmenter is not None and int(result.segmenter["cases"].iloc[0]) == 4
+
+
+def test_compare_paper_and_found_gland_pipelines(evaluated_paper_with_segmenter, evaluated_gland):
+    from label_reg.compare import compare
+
+    comparison = compare([evaluated_paper_with_segmenter.output_dir / "per_case.csv",
+                          evaluated_gland[0] / "per_case.csv"])
+    assert list(comparison.summary.index) == ["Coarse", "Coarse (found gland)", "Coarse (true gland)", "MIX+",
+                                              "MIX+ (found gland)", "MIX+ (true gland)"]
+    assert (comparison.per_case["method"] == "Coarse (found gland)").sum() == 4  # deduplicated, and they agree
+    rows = comparison.pvalues
+    tre = rows[(rows["method_a"] == "MIX+ (found gland)") & (rows["method_b"] == "MIX+")
+               & (rows["metric"] == "tre_world_mm")]
+    assert len(tre) == 1 and int(tre["n"].iloc[0]) == 4
+    assert ((rows["method_a"] == "Coarse (found gland)") & (rows["method_b"] == "Coarse")).any()
+    assert "| ours | MIX+ (found gland) |" in comparison.text and "# TRUS gland segmenter" in comparison.text
+
+
+def test_found_centre_cases_are_keyed_by_the_segmenter_weights(trained_segmenter, phantom_dir, tmp_path):
+    """The three versions of a pair never share a cache entry, and other segmenter weights give other entries."""
+    import shutil
+
+    from label_reg import model_dir as md
+    from label_reg.evaluate import _Cases
+    from label_reg.preprocess import PreprocessConfig
+    from label_reg.segmenter import GlandFinder
+
+    config = PreprocessConfig(spacing_mm=3.0, shape=(32, 32, 32), prealign="trus_gland")
+    pair = datasets.discover_pairs(phantom_dir)[0]
+    cases = _Cases(config, tmp_path / "cache", GlandFinder.from_model_dir(trained_segmenter[0]))
+    keys = {name: cache.key(pair) for name, cache in cases.caches.items()}
+    assert len(set(keys.values())) == 3
+
+    other = tmp_path / "other_segmenter"
+    shutil.copytree(trained_segmenter[0], other)
+    model, _, _ = md.load(other)
+    kernel = model.get_layer("head").kernel
+    kernel.assign(kernel * 1.5)
+    model.save_weights(str(other / md.WEIGHTS_FILE))
+    retrained = _Cases(config, tmp_path / "cache", GlandFinder.from_model_dir(other))
+    assert retrained.caches["found"].key(pair) != keys["found"]
+    assert retrained.caches["true"].key(pair) == keys["true"]
+    assert retrained.caches["centre"].key(pair) == keys["centre"]
+
+
+def test_segmenter_options_are_checked(gland_model, trained_model, evaluated_other, tmp_path):
+    from label_reg.evaluate import evaluate
+
+    with pytest.raises(InputError, match="--segmenter_dir.*carries"):
+        evaluate(gland_model, tmp_path / "a", segmenter_dir=gland_model / "segmenter", progress=False)
+    with pytest.raises(InputError, match="is not a TRUS gland segmenter"):
+        evaluate(trained_model[0], tmp_path / "b", segmenter_dir=trained_model[0], progress=False,
+                 evaluator=evaluated_other[1])
+    with pytest.raises(InputError, match="reserved"):
+        evaluate(trained_model[0], tmp_path / "c", method="Coarse (found gland)", progress=False,
+                 evaluator=evaluated_other[1])
+    assert not any((tmp_path / name).exists() for name in "abc")
