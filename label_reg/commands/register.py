@@ -10,7 +10,9 @@ moving_points/<case>.csv), loading the model once, one subfolder of OUT per case
 
     label-reg register --data_dir DATA --model_dir MODEL_DIR --output_dir OUT
 
-See :mod:`label_reg.register` for the outputs. ``--model`` is an alias of ``--model_dir``.
+See :mod:`label_reg.register` for the outputs. A model trained with ``--prealign=trus_gland`` runs its TRUS gland
+segmenter first and checks the result (a warning on stderr when the self-check fails; the exit status stays 0).
+``--model`` is an alias of ``--model_dir``.
 """
 import sys
 
@@ -18,6 +20,7 @@ from absl import flags
 
 from label_reg.commands import define_model_dir_flag, reject_positional
 from label_reg.errors import InputError
+from label_reg.register import QC_MAX_CENTRE_MM, QC_MIN_DSC
 
 flags.DEFINE_string("moving_image", None, "MR volume (NIfTI), any spacing/size/orientation.")
 flags.DEFINE_string("fixed_image", None, "TRUS volume (NIfTI); every output is written on its grid.")
@@ -28,6 +31,12 @@ flags.DEFINE_string("moving_points", None, "Optional CSV of MR points (x,y,z in 
 define_model_dir_flag()
 flags.DEFINE_string("output_dir", None, "Output folder (a subfolder per case with --data_dir).")
 flags.DEFINE_string("data_dir", None, "Batch mode: paired data folder instead of the single-pair flags.")
+flags.DEFINE_float("check_min_dsc", QC_MIN_DSC, "Self-check of found-gland (prealign trus_gland) models: warn when "
+                                                "the DSC between the warped MR gland and the found TRUS gland is "
+                                                "below this.")
+flags.DEFINE_float("check_max_centre_mm", QC_MAX_CENTRE_MM, "Self-check: warn when the centres of mass of the "
+                                                            "warped MR gland and the found TRUS gland are further "
+                                                            "apart than this (mm).")
 
 FLAGS = flags.FLAGS
 
@@ -44,13 +53,16 @@ def main(argv):
     if FLAGS.data_dir:
         if single:
             raise InputError("--data_dir", f"cannot be combined with --{', --'.join(single)}")
-        registrar = Registrar(FLAGS.model_dir)
+        registrar = Registrar(FLAGS.model_dir, FLAGS.check_min_dsc, FLAGS.check_max_centre_mm)
         results = register_folder(FLAGS.data_dir, FLAGS.output_dir, registrar=registrar)
         failed = [r for r in results if not r["ok"]]
         done = [r["seconds"] for r in results if r["ok"]]
         if done:
             print(f"registered {len(done)} of {len(results)} case(s) into {FLAGS.output_dir} "
                   f"({sum(done) / len(done):.2f} s per case; model loaded in {registrar.load_seconds:.2f} s)")
+            doubtful = [r["name"] for r in results if r["check_passed"] is False]
+            if doubtful:
+                print(f"self-check failed on {len(doubtful)} case(s) (warnings above): {', '.join(doubtful)}")
         if failed:
             for r in failed:
                 print(f"label-reg register: error: case {r['name']}: {r['error']}", file=sys.stderr)
@@ -66,10 +78,15 @@ def main(argv):
     output_dir = check_output_dir(FLAGS.output_dir)
     inputs = read_inputs(FLAGS.moving_image, FLAGS.fixed_image, FLAGS.moving_label, FLAGS.moving_points,
                          mixplus=takes_moving_label(FLAGS.model_dir))
-    result = Registrar(FLAGS.model_dir).register_inputs(inputs, output_dir)
+    result = Registrar(FLAGS.model_dir, FLAGS.check_min_dsc, FLAGS.check_max_centre_mm).register_inputs(inputs,
+                                                                                                     output_dir)
     report = result.report
     print(f"registered {FLAGS.moving_image} -> {FLAGS.fixed_image} in {report['timings_s']['total_s']:.2f} s "
           f"(+ {report['model_load_s']:.2f} s model load); outputs in {result.output_dir}")
+    check = report["quality_check"]
+    if check is not None and check["passed"]:
+        print(f"self-check passed: DSC {check['dsc']:.2f} between the warped MR gland and the found TRUS gland, "
+              f"centres {check['centre_distance_mm']:.1f} mm apart")
     if result.point_status is not None:
         flagged = [s for s in result.point_status if s != "ok"]
         print(f"mapped {len(result.point_status)} point(s); {len(flagged)} flagged "
