@@ -17,9 +17,8 @@ import numpy as np
 
 from label_reg import io as lio
 from label_reg import model_dir, segmenter
-from label_reg.cache import CaseCache
 from label_reg.preprocess import PreprocessConfig, gland_centre_of_mass
-from label_reg.trainer import RunConfig, Task, Trainer, load_split, option
+from label_reg.trainer import RunConfig, Task, Trainer, cached_cases, load_split, option
 
 __all__ = ["SegmenterConfig", "SEGMENTER", "segmenter_case", "load_segmenter_cases", "train_segmenter"]
 
@@ -70,17 +69,8 @@ def case_grid(case):
 def load_segmenter_cases(pairs, grid_config, cache_dir="", progress=True):
     """:func:`segmenter_case` for each pair, cached on disk when ``cache_dir`` is set (its own keys: the segmenter
     grid settings, never confused with registration cases)."""
-    import sys
-    settings = {"kind": "segmenter", **grid_config.to_dict()}
-    cache = CaseCache(cache_dir, settings) if cache_dir else None
-    cases = []
-    for i, pair in enumerate(pairs):
-        compute = lambda p: segmenter_case(p, grid_config)  # noqa: E731
-        cases.append(compute(pair) if cache is None else cache.get_or_compute(pair, compute))
-        if progress and (sys.stderr.isatty() or i + 1 == len(pairs)):
-            end = "\n" if i + 1 == len(pairs) else ""
-            print(f"\rsegmenter grid {i + 1}/{len(pairs)} cases", end=end, file=sys.stderr, flush=True)
-    return cases
+    return cached_cases(pairs, lambda pair: segmenter_case(pair, grid_config),
+                        {"kind": "segmenter", **grid_config.to_dict()}, cache_dir, progress, "segmenter grid")
 
 
 # ------------------------------------------------------------------------------------------------ the task

@@ -163,18 +163,24 @@ def load_cases(pairs, preprocess_config, cache_dir="", progress=True, finder=Non
     if finder is not None:
         from label_reg.cache import file_sha256
         settings["fixed_centre_from"] = file_sha256(finder.model_dir / "model.weights.h5")
-    cache = CaseCache(cache_dir, settings) if cache_dir else None
 
     def compute(pair):
         centre = None if finder is None else found_centre(finder, pair.fixed_image)
         return preprocess_pair(pair, preprocess_config, fixed_centre_mm=centre).to_arrays()
 
+    return cached_cases(pairs, compute, settings, cache_dir, progress, "pre-processing")
+
+
+def cached_cases(pairs, compute, settings, cache_dir="", progress=True, what="pre-processing"):
+    """``compute(pair)`` (a dict of arrays) for each pair, through a :class:`label_reg.cache.CaseCache` keyed by
+    ``settings`` when ``cache_dir`` is set; a one-line progress count on stderr (``what i/n cases``)."""
+    cache = CaseCache(cache_dir, settings) if cache_dir else None
     cases = []
     for i, pair in enumerate(pairs):
         cases.append(compute(pair) if cache is None else cache.get_or_compute(pair, compute))
         if progress and (sys.stderr.isatty() or i + 1 == len(pairs)):
             end = "\n" if i + 1 == len(pairs) else ""
-            print(f"\rpre-processing {i + 1}/{len(pairs)} cases", end=end, file=sys.stderr, flush=True)
+            print(f"\r{what} {i + 1}/{len(pairs)} cases", end=end, file=sys.stderr, flush=True)
     return cases
 
 
