@@ -8,3 +8,8 @@ class InputError(ValueError):
         self.source = str(source)
         self.problem = str(problem)
         super().__init__(f"{self.source}: {self.problem}")
+
+
+class OutputError(InputError):
+    """An output could not be written (read-only or full disk, file-size limit, a truncated write). Reported like an
+    :class:`InputError`: one line naming the file or folder, exit status 2, and no partial output left behind."""

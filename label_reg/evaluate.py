@@ -36,9 +36,11 @@ TensorFlow is imported only when a model is evaluated, so the table helpers here
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import pathlib
+import shutil
 import sys
 import time
 
@@ -368,6 +370,17 @@ class EvaluationResult:
     segmenter: pd.DataFrame | None = None
 
 
+@contextlib.contextmanager
+def _removed_on_error(folders):
+    """Remove ``folders`` (those this run creates: the output folder, the cache) if the body raises."""
+    try:
+        yield
+    except BaseException:
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
 def _fmt_metric(value, scale=1.0, decimals=1):
     return "–" if value is None or not math.isfinite(value) else f"{value * scale:.{decimals}f}"
 
@@ -407,9 +420,22 @@ def evaluate(model_dir, output_dir, data_dir=None, cases_csv=None, split="val", 
     for a ``trus_centre`` one) ``Coarse (found gland)`` and ``Coarse (true gland)`` and the segmenter columns; the
     model row on the model's own pre-alignment; with ``true_gland_model_row`` the network on the true gland centre
     too (``Coarse (true gland)`` is then always present). ``finder`` reuses a loaded
-    :class:`label_reg.segmenter.GlandFinder` of that segmenter."""
+    :class:`label_reg.segmenter.GlandFinder` of that segmenter.
+
+    The output folder is checked writable before the model loads; every case's inputs are read and checked before
+    any case is scored; a run that fails leaves no output folder or cache it created behind."""
+    output_dir = lio.check_output_folder(output_dir)  # writable, before the model loads
+    cache_root = pathlib.Path(cache_dir) if cache_dir else output_dir / ".cache"
+    created = [folder for folder in (output_dir, cache_root) if not folder.exists()]
+    with _removed_on_error(created):
+        return _evaluate(model_dir, output_dir, data_dir, cases_csv, split, fold, method, cache_dir, figures, progress,
+                         evaluator, stream, segmenter_dir, true_gland_model_row, finder)
+
+
+def _evaluate(model_dir, output_dir, data_dir, cases_csv, split, fold, method, cache_dir, figures, progress,
+              evaluator, stream, segmenter_dir, true_gland_model_row, finder):
+    """:func:`evaluate` once the output folder is checked."""
     stream = sys.stdout if stream is None else stream
-    output_dir = pathlib.Path(output_dir)
     if evaluator is None:
         evaluator = Evaluator.from_model_dir(model_dir)
     info, config = evaluator.info, evaluator.preprocess_config
@@ -425,7 +451,10 @@ def evaluate(model_dir, output_dir, data_dir=None, cases_csv=None, split="val", 
     cases = _Cases(config, cache_dir or output_dir / ".cache", finder if segmenter is not None else None)
     base = method[:-len(FOUND_SUFFIX)] if method.endswith(FOUND_SUFFIX) else method
     true_method = base + TRUE_SUFFIX
-
+    # Every case's inputs are read, checked and pre-processed (into the cache) before any is scored: a bad file
+    # stops the run at once, not after the cases before it.
+    for pair in pairs:
+        cases.centre(pair)
     rows = []
     for i, pair in enumerate(pairs, 1):
         started = time.perf_counter()
@@ -482,13 +511,16 @@ def evaluate(model_dir, output_dir, data_dir=None, cases_csv=None, split="val", 
         return cases.found(pair)[0] if gland else cases.centre(pair)
 
     written = []
+    replaced = lio.existing_files(output_dir, ("per_case.csv", "summary.md"))
     with lio.atomic_dir(output_dir) as staging:
         if figures:
             written = _write_figures(evaluator, per_case, method, {p.name: p for p in pairs}, model_case,
                                      staging / "figures")
-        per_case.to_csv(staging / "per_case.csv", index=False)
-        (staging / "summary.md").write_text(text, encoding="utf-8")
+        lio.write_text(staging / "per_case.csv", per_case.to_csv(index=False))
+        lio.write_text(staging / "summary.md", text)
     written = [output_dir / "figures" / path.name for path in written]
+    if replaced:
+        print(f"replaced {', '.join(replaced)} of an earlier run in {output_dir}", file=sys.stderr)
     print(text, file=stream, end="")
     return EvaluationResult(per_case, summary, text, method, chosen_fold, output_dir, written, segmenter_summary)
 

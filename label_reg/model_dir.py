@@ -15,9 +15,17 @@ Which builder: ``label_reg.json`` may name a network kind (``"network"``); witho
 the registration trainer) it is ``registration``, :func:`label_reg.network.build_model`. Another kind of network
 plugs in with :func:`register_network` (its builder, a checker of its ``build`` section, and optionally an
 inference copy such as the batch-norm-folded one) and is saved with ``save(..., network=NAME)``.
+
+Before the weights are loaded, every weight array's shape is checked against the network the JSON describes
+(:func:`check_weights`), so settings that do not match the weights are one clear error, not Keras warnings; the
+``build`` values must be of their types (integers as JSON integers, not strings or floats). Paths in the
+``training`` section (``data_dir``, ``cases_csv``, ``cache_dir``) are stored absolute, so ``evaluate`` finds the data
+from any working folder.
 """
+import collections
 import dataclasses
 import json
+import numbers
 import pathlib
 from typing import Callable, Optional
 
@@ -97,9 +105,43 @@ def save(model_dir, model, build_args, preprocess_config, extra=None, network=RE
         model.save_weights(str(tmp))
     info = {"format_version": FORMAT_VERSION, **({} if network == REGISTRATION else {"network": network}),
             "build": build, "preprocess": preprocess_config.to_dict(), **(extra or {})}
+    if isinstance(info.get("training"), dict):
+        info["training"] = _absolute_paths(info["training"])
     with atomic_path(model_dir / INFO_FILE) as tmp:
         tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     return info
+
+
+ABSOLUTE_PATH_KEYS = ("data_dir", "cases_csv", "cache_dir")
+
+
+def _absolute_paths(training):
+    """A copy of a ``training`` section with its data paths (:data:`ABSOLUTE_PATH_KEYS`) made absolute."""
+    out = dict(training)
+    for key in ABSOLUTE_PATH_KEYS:
+        if isinstance(out.get(key), str) and out[key]:
+            out[key] = str(pathlib.Path(out[key]).resolve())
+    return out
+
+
+def _positive_int(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
+
+
+def _check_build_types(build, path):
+    """The ``build`` values every network kind shares must be of their types, as JSON gives them: ``image_shape``
+    3 positive integers, ``base_filters`` a positive integer, ``moving_label_input`` (when present) true or false.
+    (The kinds' checkers convert; a "32" or 32.5 must not pass.)"""
+    if not isinstance(build, dict):
+        raise InputError(path, "malformed 'build' section (expected a mapping)")
+    shape = build.get("image_shape")
+    if not (isinstance(shape, list) and len(shape) == 3 and all(_positive_int(n) for n in shape)):
+        raise InputError(path, f"'build' image_shape must be a list of 3 positive integers, got {shape!r}")
+    if "moving_label_input" in build and not isinstance(build["moving_label_input"], bool):
+        raise InputError(path, f"'build' moving_label_input must be true or false, got "
+                               f"{build['moving_label_input']!r}")
+    if not _positive_int(build.get("base_filters")):
+        raise InputError(path, f"'build' base_filters must be a positive integer, got {build.get('base_filters')!r}")
 
 
 def read_info(model_dir):
@@ -115,12 +157,13 @@ def read_info(model_dir):
     if not isinstance(info, dict) or info.get("format_version") != FORMAT_VERSION:
         raise InputError(path, f"unsupported model description (format_version must be {FORMAT_VERSION})")
     kind = network_kind(info, path)
+    _check_build_types(info.get("build"), path)
     try:
         kind.check_build(info.get("build"))
     except (TypeError, KeyError, ValueError):
         raise InputError(path, "malformed 'build' section") from None
     try:
-        config = PreprocessConfig.from_dict(info.get("preprocess"))
+        config = PreprocessConfig.from_dict(info.get("preprocess"), source=f"{path} ('preprocess' section)")
     except InputError:
         raise
     except (TypeError, KeyError, ValueError) as err:
@@ -134,6 +177,52 @@ def network_kind(info, source=INFO_FILE):
     if not isinstance(name, str) or name not in NETWORKS:
         raise InputError(source, f"unknown network {name!r} (known: {', '.join(sorted(NETWORKS))})")
     return NETWORKS[name]
+
+
+def _weight_shapes(path):
+    """{dataset path: shape} of every array in a Keras ``.weights.h5`` file."""
+    import h5py
+
+    shapes = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: shapes.__setitem__(name, tuple(obj.shape))
+                     if isinstance(obj, h5py.Dataset) else None)
+    return shapes
+
+
+def check_weights(weights, model, build, network=REGISTRATION):
+    """Check that ``weights`` (a ``.weights.h5`` file) holds the arrays of ``model``, the network built from
+    ``build`` (the JSON's build section), before Keras loads it: Keras would print a warning per mismatched layer and
+    fail with a message cut off mid-sentence. Compares the shapes of the file's arrays with those of the network's
+    weights (as multisets: the file names layers by their type and order, not by their names). Raises InputError
+    naming ``weights``: what the JSON describes and, for a registration network whose first convolution's kernel
+    tells (it is (4, 4, 4, inputs, base_filters)), what the weights are of."""
+    try:
+        found = _weight_shapes(weights)
+    except (OSError, ValueError) as err:
+        raise InputError(weights, f"not a readable Keras weights file ({str(err).splitlines()[0]})") from None
+    expected = collections.Counter(tuple(int(n) for n in v.shape) for v in model.weights)
+    present = collections.Counter(found.values())
+    if present == expected:
+        return
+    weights_are = ""
+    if network == REGISTRATION:
+        inputs = 3 if build["moving_label_input"] else 2
+        said = (f"{INFO_FILE} describes a network with base_filters {build['base_filters']} and {inputs} inputs "
+                f"({'MIX+' if inputs == 3 else 'two-input'})")
+        first_kernel = found.get("layers/conv3d/vars/0")  # Keras' name for the first Conv3D's kernel
+        if (first_kernel is not None and len(first_kernel) == 5
+                and first_kernel[3:] != (inputs, build["base_filters"])):
+            weights_are = (f"; the weights are of one with base_filters {first_kernel[4]} and {first_kernel[3]} "
+                           "inputs")
+    else:
+        said = f"{INFO_FILE} describes a {network} network with {json.dumps(build, sort_keys=True)}"
+    unexpected = sorted((present - expected).elements())
+    missing = sorted((expected - present).elements())
+    detail = (f"{sum(present.values())} arrays in the file, {sum(expected.values())} in the network; "
+              f"{len(unexpected)} of the file's shapes do not fit"
+              + (f", e.g. {unexpected[0]}" if unexpected else f" and {len(missing)} are missing, e.g. {missing[0]}"))
+    raise InputError(weights, f"does not fit the model's settings: {said}{weights_are} ({detail})")
 
 
 def load(model_dir, inference=False):
@@ -151,6 +240,7 @@ def load(model_dir, inference=False):
         raise InputError(model_dir, f"no {WEIGHTS_FILE} (has training validated at least once?)")
     kind = network_kind(info)
     model = kind.build(**info["build"])
+    check_weights(weights, model, info["build"], info.get("network", REGISTRATION))
     try:
         model.load_weights(str(weights))
     except (OSError, ValueError) as err:

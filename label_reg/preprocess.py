@@ -39,7 +39,7 @@ from label_reg.errors import InputError
 __all__ = [
     "PreprocessConfig", "Preprocessed", "preprocess_images", "preprocess_pair", "crop_grid",
     "gland_centre_of_mass", "resample_image", "resample_labels", "intensity_range", "normalise_intensity",
-    "signed_distance_map",
+    "signed_distance_map", "prealignment_warnings",
 ]
 
 THRESHOLD = 0.5
@@ -208,7 +208,8 @@ def resample_image(img: sitk.Image, grid: lio.Geometry, translation_mm=(0.0, 0.0
     """Cubic B-spline resampling of ``img`` onto ``grid`` (value at grid point p = img(p + t)), float32 (x, y, z).
     Points outside the source's field of view get the image minimum (0 after :func:`normalise_intensity`),
     and ringing below the minimum is clamped to it."""
-    img = sitk.Cast(img, sitk.sitkFloat32)
+    if img.GetPixelID() != sitk.sitkFloat32:
+        img = sitk.Cast(img, sitk.sitkFloat32)  # (a Cast copies even to the same type: 4 bytes a voxel saved)
     lo = float(np.min(sitk.GetArrayViewFromImage(img)))
     out = _resample(img, grid, translation_mm, sitk.sitkBSpline, lo, sitk.sitkFloat32)
     return np.maximum(lio.to_array(out), lo)
@@ -357,6 +358,31 @@ def preprocess_images(mr_image: sitk.Image, mr_labels, us_image: sitk.Image, us_
     return Preprocessed(moving_image=moving_image, fixed_image=fixed_image, moving_label=moving_label,
                         fixed_label=fixed_label, moving_sdm=moving_sdm, fixed_sdm=fixed_sdm, grid=grid,
                         translation_mm=np.asarray(translation, dtype=np.float64))
+
+
+def prealignment_warnings(mr_gland: sitk.Image, translation_mm, us_image, source="moving label") -> list[str]:
+    """One-line warnings about a pre-alignment that is probably wrong (the run goes on; ``register`` prints them and
+    records them in ``registration.json``):
+
+    * the MR gland mask (``mr_gland``, channel 0) touches the MR image's border: the gland is probably cut off (or
+      the mask is a stray blob), which moves its centre of mass and with it the pre-alignment;
+    * the pre-alignment shift ``|t|`` (mm) is larger than the TRUS field of view (its largest extent in mm,
+      ``us_image`` a sitk image or Geometry): the MR gland centre lands on the TRUS centre only after a move the
+      TRUS volume could not even contain.
+    """
+    warnings = []
+    arr = sitk.GetArrayViewFromImage(mr_gland)  # (z, y, x)
+    faces = (arr[0], arr[-1], arr[:, 0], arr[:, -1], arr[:, :, 0], arr[:, :, -1])
+    if any(bool((face >= THRESHOLD).any()) for face in faces):
+        warnings.append(f"{source}: the gland mask touches the MR image border; the gland may be cut off (or the "
+                        "mask misplaced), which shifts its centre of mass and the pre-alignment")
+    geo = us_image if isinstance(us_image, lio.Geometry) else lio.Geometry.from_image(us_image)
+    fov = float(np.max(np.asarray(geo.size, np.float64) * np.asarray(geo.spacing)))
+    shift = float(np.linalg.norm(translation_mm))
+    if shift > fov:
+        warnings.append(f"{source}: the pre-alignment shift ({shift:.0f} mm) is larger than the TRUS field of view "
+                        f"({fov:.0f} mm); check that the MR gland mask and the two images belong together")
+    return warnings
 
 
 def preprocess_pair(pair, config: PreprocessConfig = PreprocessConfig(), fixed_centre_mm=None) -> Preprocessed:

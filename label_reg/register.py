@@ -13,7 +13,10 @@
    image grid, and resample the MR image (cubic B-spline) and every MR label channel (linear, then >= 0.5) through it;
 5. map MR points (biopsy targets) into TRUS space by inverting ``T`` per point;
 6. write everything into a staging folder beside ``output_dir`` and move it into place
-   (:func:`label_reg.io.atomic_dir`), so that an error never leaves a partial output.
+   (:func:`label_reg.io.atomic_dir`), so that an error never leaves a partial output. The images are resampled and
+   written slab by slab (:func:`label_reg.transform.write_warped`), so memory stays bounded whatever the TRUS grid's
+   size, and every file is verified before it counts as written. The output folder is checked writable, with room
+   for the outputs, before the model loads (:func:`check_output_dir`).
 
 Outputs (``output_dir``):
 
@@ -25,7 +28,7 @@ Outputs (``output_dir``):
 * ``moving_points_in_fixed.csv`` / ``moving_points_in_fixed.mrk.json`` with ``moving_points``: the points in TRUS
   world (LPS) mm, with a ``status`` of ``ok``, ``outside_fixed_image`` or ``not_inverted`` (residual > 0.01 mm).
 * ``registration.json``           model, inputs, timings, pre-alignment (mode, anchor, translation), DDF statistics
-  and the self-check (``quality_check``, null without a segmenter).
+  the self-check (``quality_check``, null without a segmenter) and pre-alignment ``warnings``.
 * ``fixed_label_predicted.nii.gz`` (``trus_gland`` models only) the TRUS gland the segmenter found, on the TRUS
   grid (uint8 0/1).
 
@@ -93,6 +96,8 @@ class RegistrationResult:
     translation_mm: np.ndarray
     points_fixed: np.ndarray | None = None
     point_status: list | None = None
+    warnings: list = dataclasses.field(default_factory=list)  # one line each (see preprocess.prealignment_warnings)
+    replaced: list = dataclasses.field(default_factory=list)  # our output files of an earlier run that were replaced
 
 
 # ------------------------------------------------------------------------------------------------ points CSV
@@ -152,13 +157,15 @@ def _is_number(value):
 
 
 # ------------------------------------------------------------------------------------------------ outputs
-def check_output_dir(output_dir):
-    if output_dir is None or str(output_dir) == "":
-        raise InputError("--output_dir", "is required")
-    out = pathlib.Path(output_dir)
-    if out.exists() and not out.is_dir():
-        raise InputError(out, "exists and is not a directory")
-    return out
+def check_output_dir(output_dir, inputs=None):
+    """The output folder as a Path, checked writable (:func:`label_reg.io.check_output_folder`) and, given the
+    :class:`Inputs`, with room for the outputs: their uncompressed size, an upper bound (float32 image, uint8 per
+    label channel, float64 3-vector field per TRUS voxel, plus 1 MB for the rest)."""
+    expected = 0
+    if inputs is not None:
+        voxels = int(np.prod(inputs.fixed_image.GetSize(), dtype=np.int64))
+        expected = voxels * (4 + len(inputs.moving_label) + 24) + (1 << 20)
+    return lio.check_output_folder(output_dir, expected)
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -235,12 +242,12 @@ class Registrar:
 
     def register_inputs(self, inputs, output_dir):
         """:meth:`register` for a pair already read by :func:`read_inputs`."""
-        from label_reg.preprocess import preprocess_images
-        from label_reg.transform import invert_points, total_displacement_mm
+        from label_reg.preprocess import prealignment_warnings, preprocess_images
+        from label_reg.transform import TotalDisplacement, invert_points, write_warped
 
         t0 = time.perf_counter() - inputs.read_seconds
         timings = {"read_s": inputs.read_seconds}
-        out = check_output_dir(output_dir)
+        out = check_output_dir(output_dir, inputs)
         mr, mr_labels, us, points = inputs.moving_image, inputs.moving_label, inputs.fixed_image, inputs.points
         moving_image, fixed_image = inputs.paths["moving_image"], inputs.paths["fixed_image"]
         moving_label, moving_points = inputs.paths["moving_label"], inputs.paths["moving_points"]
@@ -257,6 +264,7 @@ class Registrar:
                  "moving_label": str(moving_label)}
         pre = preprocess_images(mr, mr_labels, us, None, self.config, names=names, sdm=False,
                                 fixed_centre_mm=None if estimate is None else estimate.centre_mm)
+        warnings = prealignment_warnings(mr_labels[0], pre.translation_mm, us, names["moving_label"])
         timings["preprocess_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -265,20 +273,14 @@ class Registrar:
         if not np.isfinite(ddf).all():
             raise RuntimeError("the network predicted a non-finite DDF")
 
-        t = time.perf_counter()
         us_geo = lio.Geometry.from_image(us)
-        disp = total_displacement_mm(ddf, pre.grid, pre.translation_mm, us_geo)
-        transform = _displacement_transform(disp, us_geo)
-        warped_image = _warp_image(mr, us_geo, transform)
-        warped_labels = _warp_labels(mr_labels, us_geo, transform)
-        timings["warp_s"] = time.perf_counter() - t
+        field = TotalDisplacement(ddf, pre.grid, pre.translation_mm, us_geo)
 
         predicted = check = None
         if estimate is not None:
             from label_reg.segmenter import mask_on_image
             t = time.perf_counter()
-            predicted = mask_on_image(estimate, us_geo)
-            check = quality_check(warped_labels[0], predicted, estimate, **self.check_thresholds)
+            predicted = mask_on_image(estimate, us_geo)  # checked against the warped MR gland once it exists
             timings["check_s"] = time.perf_counter() - t
 
         point_rows = None
@@ -286,7 +288,7 @@ class Registrar:
         if points is not None:
             t = time.perf_counter()
             point_names, moving_pts = points
-            points_fixed, residual = invert_points(moving_pts, disp, us_geo, iterations=200, tol_mm=1e-5)
+            points_fixed, residual = invert_points(moving_pts, field, iterations=200, tol_mm=1e-5)
             inside = _inside(us_geo, points_fixed)
             status = ["not_inverted" if not (r <= POINT_TOLERANCE_MM) else ("ok" if ok else "outside_fixed_image")
                       for r, ok in zip(residual, inside)]
@@ -316,6 +318,7 @@ class Registrar:
                        "folding_fraction": float(np.mean(det <= 0.0)),
                        "jacobian_determinant_min": float(det.min())},
             "label_channels": len(mr_labels),
+            "warnings": warnings,
         }
         if status is not None:
             report["points"] = {"count": len(status), "ok": status.count("ok"),
@@ -323,12 +326,18 @@ class Registrar:
                                 "not_inverted": status.count("not_inverted"),
                                 "tolerance_mm": POINT_TOLERANCE_MM}
 
-        t = time.perf_counter()
         files = {}
         with lio.atomic_dir(out, owned=OUTPUT_FILES.values()) as staging:
-            lio.write_image(staging / OUTPUT_FILES["warped_moving_image"], warped_image)
-            lio.write_label(staging / OUTPUT_FILES["warped_moving_label"], warped_labels)
-            lio.write_displacement_field(staging / OUTPUT_FILES["transform_ddf"], disp, us_geo)
+            t = time.perf_counter()
+            warped_gland = write_warped(field, mr, mr_labels, *(staging / OUTPUT_FILES[k] for k in (
+                "warped_moving_image", "warped_moving_label", "transform_ddf")), keep_gland=predicted is not None)
+            timings["warp_s"] = time.perf_counter() - t  # resampling and writing the three images, slab by slab
+            if predicted is not None:
+                t = time.perf_counter()
+                check = report["quality_check"] = quality_check(warped_gland, predicted, estimate,
+                                                                **self.check_thresholds)
+                timings["check_s"] += time.perf_counter() - t
+            t = time.perf_counter()
             files.update({k: out / OUTPUT_FILES[k] for k in ("warped_moving_image", "warped_moving_label",
                                                                "transform_ddf")})
             if predicted is not None:
@@ -346,12 +355,14 @@ class Registrar:
             report["model_load_s"] = round(self.load_seconds, 4)
             report["outputs"] = {k: v.name for k, v in files.items()}
             _write_json(staging / OUTPUT_FILES["registration"], report)
+            replaced = lio.existing_files(out, OUTPUT_FILES.values())  # published when the block ends
         if check is not None and not check["passed"]:
             print(f"warning: {fixed_image}: registration self-check failed ({'; '.join(check['failed'])}); "
                   f"outputs written to {out}, review them", file=sys.stderr, flush=True)
         return RegistrationResult(output_dir=out, files=files, report=report,
                                   translation_mm=np.asarray(pre.translation_mm, np.float64),
-                                  points_fixed=points_fixed, point_status=status)
+                                  points_fixed=points_fixed, point_status=status, warnings=warnings,
+                                  replaced=replaced)
 
 
 # ------------------------------------------------------------------------------------------------ self-check
@@ -404,30 +415,6 @@ def _abs(path):
     return None if path is None or str(path) == "" else str(pathlib.Path(path).resolve())
 
 
-def _displacement_transform(disp_mm, geometry):
-    img = sitk.GetImageFromArray(np.ascontiguousarray(disp_mm.transpose(2, 1, 0, 3), np.float64), isVector=True)
-    geometry.apply_to(img)
-    return sitk.DisplacementFieldTransform(img)  # takes the image over
-
-
-def _warp_image(mr, geometry, transform):
-    """MR resampled through ``transform`` onto ``geometry`` with cubic B-spline; ringing clamped to the MR range,
-    the MR minimum outside the MR field of view."""
-    arr = sitk.GetArrayViewFromImage(mr)
-    lo, hi = float(arr.min()), float(arr.max())
-    out = sitk.Resample(mr, geometry.reference_image(), transform, sitk.sitkBSpline, lo, sitk.sitkFloat32)
-    return sitk.Clamp(out, sitk.sitkFloat32, lo, hi)
-
-
-def _warp_labels(channels, geometry, transform):
-    """Each label channel resampled linearly through ``transform`` onto ``geometry``, then >= 0.5 (uint8 images).
-    (Channel by channel: faster in SimpleITK than one pass over a vector image.)"""
-    ref = geometry.reference_image()
-    warped = []
-    for ch in channels:
-        res = sitk.Resample(sitk.Cast(ch, sitk.sitkFloat32), ref, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-        warped.append(sitk.BinaryThreshold(res, 0.5, 1e30, 1, 0))  # uint8 0/1
-    return warped
 
 
 def _inside(geometry, points):
@@ -441,8 +428,7 @@ def _write_points_csv(path, names, moving, fixed, residual, status):
     frame = pd.DataFrame({
         "name": names, "x": fixed[:, 0], "y": fixed[:, 1], "z": fixed[:, 2], "status": status,
         "residual_mm": residual, "moving_x": moving[:, 0], "moving_y": moving[:, 1], "moving_z": moving[:, 2]})
-    with lio.atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=False, float_format="%.6f")
+    lio.write_text(path, frame.to_csv(index=False, float_format="%.6f"))
 
 
 def _write_markups(path, names, moving, fixed, residual, status):
@@ -464,8 +450,7 @@ def _write_markups(path, names, moving, fixed, residual, status):
 
 
 def _write_json(path, doc):
-    with lio.atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    lio.write_text(path, json.dumps(doc, indent=2) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------ batch mode
@@ -474,7 +459,7 @@ def register_folder(data_dir, output_dir, model_dir=None, registrar=None, progre
     not needed) into ``output_dir/<case>/``, loading the model once. ``<data_dir>/moving_points/<case>.csv`` is
     used when present. A case with bad input is reported and skipped (nothing written for it); returns a list of
     dicts ``{name, ok, seconds, output_dir, error, check_passed}`` (``check_passed``: the self-check's verdict,
-    None without a segmenter or on error)."""
+    None without a segmenter or on error; and ``warnings``, ``replaced`` for registered cases)."""
     from label_reg.datasets import MOVING_LABELS, discover_pairs
     stream = stream or sys.stdout
     out = check_output_dir(output_dir)
@@ -498,7 +483,8 @@ def register_folder(data_dir, output_dir, model_dir=None, registrar=None, progre
                                         points if points.is_file() else None, case_out)
             check = result.report["quality_check"]
             row = {"name": pair.name, "ok": True, "error": None,
-                   "check_passed": None if check is None else check["passed"]}
+                   "check_passed": None if check is None else check["passed"], "warnings": result.warnings,
+                   "replaced": result.replaced}
         except InputError as err:
             row = {"name": pair.name, "ok": False, "error": str(err), "check_passed": None}
         row["seconds"] = time.perf_counter() - start
@@ -506,5 +492,9 @@ def register_folder(data_dir, output_dir, model_dir=None, registrar=None, progre
         results.append(row)
         if progress:
             state = f"{row['seconds']:.2f} s -> {case_out}" if row["ok"] else f"FAILED: {row['error']}"
+            if row.get("replaced"):
+                state += f" (replaced {len(row['replaced'])} earlier output file(s))"
+            if row.get("warnings"):
+                state += f"; warning: {' / '.join(row['warnings'])}"
             print(f"[{i:>{width}}/{len(pairs)}] {pair.name}: {state}", file=stream, flush=True)
     return results

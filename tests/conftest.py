@@ -89,3 +89,47 @@ def gland_model(trained_model, trained_segmenter, tmp_path_factory):
     info["segmenter"] = md.copy_segmenter(trained_segmenter[0], target)
     (target / md.INFO_FILE).write_text(json.dumps(info, indent=2))
     return target
+
+
+# Folders the operating system refuses to write into (SPEC section 7: outputs are checked before the model loads).
+def _mount_tmpfs(path, options):
+    import subprocess
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
+    return done.returncode == 0
+
+
+def _umount(path):
+    import subprocess
+    subprocess.run(["umount", str(path)], capture_output=True)
+
+
+@pytest.fixture
+def readonly_dir(tmp_path):
+    """An existing folder nobody can write into: a read-only tmpfs mount when running as root (root ignores file
+    permissions), else a folder without write permission. Skips when neither is possible."""
+    path = tmp_path / "readonly"
+    path.mkdir()
+    if os.geteuid() != 0:
+        path.chmod(0o555)
+        yield path
+        path.chmod(0o755)
+        return
+    if not _mount_tmpfs(path, "ro,size=64k"):
+        pytest.skip("running as root and cannot mount a read-only tmpfs")
+    try:
+        yield path
+    finally:
+        _umount(path)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """An empty folder on a 256 kB file system (a tmpfs; needs root). Skips when it cannot be mounted."""
+    path = tmp_path / "small_disk"
+    path.mkdir()
+    if os.geteuid() != 0 or not _mount_tmpfs(path, "size=256k"):
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        yield path
+    finally:
+        _umount(path)

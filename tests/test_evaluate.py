@@ -419,3 +419,29 @@ def test_segmenter_options_are_checked(gland_model, trained_model, evaluated_oth
         evaluate(trained_model[0], tmp_path / "c", method="Coarse (found gland)", progress=False,
                  evaluator=evaluated_other[1])
     assert not any((tmp_path / name).exists() for name in "abc")
+
+
+def test_all_inputs_are_checked_before_any_case_is_scored(trained_model, phantom_dir, tmp_path, capsys):
+    """A corrupt label file in the last case stops the run before the first case is scored, and the run leaves
+    nothing behind: no output folder, no pre-processing cache inside it."""
+    import os
+
+    from label_reg.evaluate import evaluate
+
+    names = [p.name for p in datasets.discover_pairs(phantom_dir)][:3]
+    data = tmp_path / "data"
+    for folder in datasets.FOLDERS:
+        (data / folder).mkdir(parents=True)
+        for name in names:
+            os.symlink(phantom_dir / folder / f"{name}.nii.gz", data / folder / f"{name}.nii.gz")
+    bad = data / "fixed_labels" / f"{names[-1]}.nii.gz"
+    bad.unlink()
+    bad.write_bytes(b"\x1f\x8b" + b"not really gzip" * 20)
+    csv = tmp_path / "cases.csv"
+    csv.write_text("case,split\n" + "".join(f"{n},val\n" for n in names))
+    out = tmp_path / "out"
+    with pytest.raises(InputError) as err:
+        evaluate(trained_model[0], out, data_dir=data, cases_csv=csv, stream=io.StringIO())
+    assert str(bad) in str(err.value) and "\n" not in str(err.value)
+    assert "[1/3]" not in capsys.readouterr().err  # no case was scored
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cases.csv", "data"]  # no out/, no out/.cache

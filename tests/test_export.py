@@ -80,7 +80,9 @@ def test_saved_model_cli_lists_the_named_inputs(exported):
         assert f"inputs['{name}']" in run.stdout
     for name in ("ddf", "warped_moving_image", "warped_moving_label"):
         assert f"outputs['{name}']" in run.stdout
-    assert run.stdout.count("shape: (-1, 32, 32, 32, 1)") == 5 and "shape: (-1, 32, 32, 32, 3)" in run.stdout
+    # inputs: spatial sizes checked in the graph (so a wrong one meets the check); outputs: the model's sizes
+    assert run.stdout.count("shape: (-1, -1, -1, -1, 1)") == 3
+    assert run.stdout.count("shape: (-1, 32, 32, 32, 1)") == 2 and "shape: (-1, 32, 32, 32, 3)" in run.stdout
 
 
 def test_two_input_model_and_replacing_a_version(tmp_path):
@@ -201,3 +203,57 @@ def test_segment_gland_matches_the_gland_finder_and_the_chain_matches_the_predic
         expected_ddf = predictor.predict(case)
         assert np.abs(expected_ddf).max() > 0.1
         np.testing.assert_allclose(ddf, expected_ddf, atol=1e-5)
+
+
+BAD_REQUESTS = {  # case: (change to a good batch-2 request, what the error says after "label_reg input check: ")
+    "zero_batch": (lambda g: {k: v[:0] for k, v in g.items()}, "moving_image holds an empty batch (0 samples)"),
+    "wrong_size": (lambda g: {**g, "fixed_image": g["fixed_image"][:, :16]},
+                   "fixed_image must have shape (batch, 32, 32, 32, 1); it has shape] [2 16 32 32 1]"),
+    "wrong_rank": (lambda g: {**g, "moving_image": g["moving_image"][..., 0]},
+                   "moving_image must have shape (batch, 32, 32, 32, 1); it has shape] [2 32 32 32]"),
+    "batch_differs": (lambda g: {**g, "moving_label": g["moving_label"][:1]},
+                      "moving_label has batch size] [1] [but moving_image has] [2]"),
+    "nan": (lambda g: {**g, "fixed_image": g["fixed_image"] * float("nan")}, "fixed_image holds NaN or Inf voxels"),
+    "inf": (lambda g: {**g, "moving_label": g["moving_label"] / 0.0}, "moving_label holds NaN or Inf voxels"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_REQUESTS))
+def test_the_serving_signature_checks_its_inputs(exported, heldout_inputs, case):
+    """Bad requests fail with a message saying what is wrong, not with an error from deep inside the graph ("Must
+    provide as many biases...", "Incompatible shapes...", a GatherV2 index of -2147483648)."""
+    import tensorflow as tf
+
+    serve = tf.saved_model.load(str(exported / "1")).signatures[SIGNATURE]
+    change, words = BAD_REQUESTS[case]
+    good = {k: tf.constant(v) for k, v in heldout_inputs.items()}  # batch 2
+    with pytest.raises(tf.errors.InvalidArgumentError) as err:
+        serve(**change(good))
+    assert f"label_reg input check: {words}" in err.value.message, err.value.message
+
+
+def test_export_to_an_unwritable_folder_fails_before_the_model_loads(trained_model, tmp_path, readonly_dir):
+    import shutil
+
+    broken = tmp_path / "broken_model"
+    shutil.copytree(trained_model[0], broken, ignore=shutil.ignore_patterns("checkpoints", "logs"))
+    (broken / "model.weights.h5").write_bytes(b"garbage")
+    run = subprocess.run([sys.executable, "-m", "label_reg.cli", "export", "--model", str(broken), "--output_dir",
+                          str(readonly_dir / "sm")], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.strip().splitlines() == [
+        line for line in run.stderr.strip().splitlines() if line.startswith(f"label-reg export: error: "
+                                                                          f"{readonly_dir / 'sm'}: cannot write")]
+    assert len(run.stderr.strip().splitlines()) == 1, run.stderr
+
+
+def test_replacing_a_version_is_reported(exported, trained_model, tmp_path):
+    import shutil
+
+    sm = tmp_path / "sm"
+    shutil.copytree(exported, sm)  # version 1 exported before
+    run = subprocess.run([sys.executable, "-m", "label_reg.cli", "export", "--model", str(trained_model[0]),
+                          "--output_dir", str(sm)], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stderr.strip() == f"label-reg export: replaced the earlier version folder {sm / '1'}"
+    assert sorted(p.name for p in sm.iterdir()) == ["1"]

@@ -2,13 +2,16 @@
 import gzip
 import json
 import os
+import pathlib
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
 from label_reg import io
-from label_reg.errors import InputError
+from label_reg.errors import InputError, OutputError
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _rotation(ax, ay, az):
@@ -370,3 +373,177 @@ def test_read_label_vector_image_channels(tmp_path):
     path = _write(tmp_path / "vec.nii.gz", vec)
     channels = io.read_label(path, reference=OBLIQUE)
     np.testing.assert_array_equal(io.labels_to_array(channels), labels)
+
+
+# -- header sanity (SPEC section 7) ------------------------------------------------------------------------
+def _patched_header(tmp_path, name, patch, img=None):
+    """Write ``img`` (default: ones on OBLIQUE) as a NIfTI through ITK, change its header with ``patch(bytearray)``
+    and store it gzipped as ``name``."""
+    plain = tmp_path / f"{name}.plain.nii"
+    _write(plain, img if img is not None else _image(np.ones(OBLIQUE.size)))
+    data = bytearray(plain.read_bytes())
+    plain.unlink()
+    patch(data)
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(bytes(data)))
+    return path
+
+
+@pytest.mark.parametrize("value", [0.0, -1.5, float("nan"), float("inf")])
+def test_header_voxel_size_must_be_finite_and_positive(tmp_path, value):
+    """ITK silently reads a zero or NaN pixdim as 1 mm; the header check refuses it, naming the file."""
+    import struct
+
+    def patch(data):
+        data[80:84] = struct.pack("<f", value)  # pixdim[1]: the x voxel size
+
+    path = _patched_header(tmp_path, "bad_spacing.nii.gz", patch)
+    with pytest.raises(InputError) as err:
+        io.read_image(path)
+    _assert_names(err, path)
+    assert "pixdim[1]" in str(err.value) and "finite and positive" in str(err.value)
+    with pytest.raises(InputError, match="pixdim"):
+        io.read_label(_patched_header(tmp_path, "bad_label.nii.gz", patch, _image(_blob_labels(k=1)[..., 0])))
+
+
+def test_qform_and_sform_must_agree(tmp_path):
+    import struct
+
+    def shifted(mm):
+        def patch(data):
+            offset = struct.unpack("<f", data[292:296])[0]  # srow_x[3]: the sform's x offset
+            data[292:296] = struct.pack("<f", offset + mm)
+        return patch
+
+    bad = _patched_header(tmp_path, "disagree.nii.gz", shifted(5.0))
+    with pytest.raises(InputError) as err:
+        io.read_image(bad)
+    _assert_names(err, bad)
+    assert "qform and sform disagree" in str(err.value) and "5" in str(err.value)
+    ok = _patched_header(tmp_path, "rounding.nii.gz", shifted(1e-4))  # float rounding: accepted
+    assert io.Geometry.from_image(io.read_image(ok)).allclose(OBLIQUE)
+
+
+def test_images_above_the_voxel_limit_are_refused_from_the_header(tmp_path):
+    """A header declaring 1024^3 voxels (above io.MAX_VOXELS) is refused before any voxel data is read: the error is
+    the size, not the (missing) data."""
+    import struct
+
+    def patch(data):
+        dim = list(struct.unpack("<8h", data[40:56]))
+        dim[1:4] = [1024, 1024, 1024]
+        data[40:56] = struct.pack("<8h", *dim)
+
+    path = _patched_header(tmp_path, "huge.nii.gz", patch)
+    assert 1024 ** 3 > io.MAX_VOXELS
+    with pytest.raises(InputError) as err:
+        io.read_image(path)
+    _assert_names(err, path)
+    assert "limit" in str(err.value) and "1024x1024x1024" in str(err.value)
+
+
+# -- slab-by-slab writing and verified writes ----------------------------------------------------------------
+def test_slab_writer_writes_what_itk_would(tmp_path):
+    """Scalar, label-stack and displacement volumes written in uneven slabs (one of a single slice) read back through
+    ITK with ITK's own geometry and every voxel; the field carries intent 1006 with RAS vectors on disk."""
+    import struct
+
+    rng = np.random.default_rng(5)
+    z = OBLIQUE.size[2]
+    cuts = [0, 2, 3, z]
+    image = rng.normal(size=(z, OBLIQUE.size[1], OBLIQUE.size[0])).astype(np.float32)  # (Z, Y, X)
+    labels = (rng.random((3,) + image.shape) > 0.5).astype(np.uint8)
+    disp = rng.normal(size=image.shape + (3,))
+    with io.NiftiSlabWriter(tmp_path / "image.nii.gz", OBLIQUE, np.float32) as w_img, \
+            io.NiftiSlabWriter(tmp_path / "labels.nii.gz", OBLIQUE, np.uint8, kind="stack", channels=3) as w_lab, \
+            io.NiftiSlabWriter(tmp_path / "ddf.nii.gz", OBLIQUE, np.float64, kind="displacement") as w_ddf:
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            w_img.write(image[a:b])
+            w_lab.write(labels[:, a:b])
+            w_ddf.write(disp[a:b])
+    assert sorted(os.listdir(tmp_path)) == ["ddf.nii.gz", "image.nii.gz", "labels.nii.gz"]  # no members left
+
+    itk_path = _write(tmp_path / "itk.nii.gz", _image(image.T))
+    ours = sitk.ReadImage(str(tmp_path / "image.nii.gz"))
+    assert io.Geometry.from_image(ours) == io.Geometry.from_image(sitk.ReadImage(str(itk_path)))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(ours), image)
+    channels = io.read_label(tmp_path / "labels.nii.gz", reference=OBLIQUE)
+    np.testing.assert_array_equal(np.stack([sitk.GetArrayFromImage(c) for c in channels]), labels)
+    back, geo = io.read_displacement_field(tmp_path / "ddf.nii.gz")
+    assert geo.allclose(OBLIQUE, tol=1e-6)
+    np.testing.assert_array_equal(back, disp.transpose(2, 1, 0, 3))
+
+    raw = gzip.decompress((tmp_path / "ddf.nii.gz").read_bytes())
+    assert struct.unpack("<h", raw[68:70])[0] == io.NIFTI_INTENT_DISPVECT == 1006
+    offset = int(struct.unpack("<f", raw[108:112])[0])
+    on_disk = np.frombuffer(raw, "<f8", offset=offset).reshape(3, *image.shape)  # components outermost
+    np.testing.assert_array_equal(on_disk[0], -disp[..., 0])
+    np.testing.assert_array_equal(on_disk[1], -disp[..., 1])
+    np.testing.assert_array_equal(on_disk[2], disp[..., 2])
+
+    with pytest.raises(ValueError, match="slices"):
+        with io.NiftiSlabWriter(tmp_path / "short.nii.gz", OBLIQUE, np.float32) as w:
+            w.write(image[:2])
+    assert not (tmp_path / "short.nii.gz").exists()
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]
+
+
+_WRITE_UNDER_LIMIT = """
+import resource, sys, numpy as np
+from label_reg import io
+from label_reg.errors import OutputError
+resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))
+geo = io.Geometry((40, 40, 40), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), np.eye(3).ravel())
+rng = np.random.default_rng(0)
+what = sys.argv[1]
+try:
+    if what == "image":
+        io.write_image(sys.argv[2], io.from_array(rng.normal(size=geo.size), geo))
+    elif what == "field":
+        io.write_displacement_field(sys.argv[2], rng.normal(size=geo.size + (3,)), geo)
+    else:
+        io.write_text(sys.argv[2], "x" * 50000)
+except OutputError as err:
+    print("OutputError:", err)
+"""
+
+
+@pytest.mark.parametrize("what", ["image", "field", "text"])
+def test_a_write_cut_short_is_an_output_error_and_leaves_nothing(tmp_path, what):
+    """Under a file-size limit ITK's writer leaves a truncated file and reports nothing; the verified write raises
+    OutputError naming the file, and no file (final or temporary) is left."""
+    import subprocess
+    import sys
+
+    target = tmp_path / ("out.txt" if what == "text" else "out.nii.gz")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO)] + sys.path))
+    run = subprocess.run([sys.executable, "-c", _WRITE_UNDER_LIMIT, what, str(target)], capture_output=True,
+                         text=True, timeout=120, env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    lines = [ln for ln in run.stdout.splitlines() if ln.startswith("OutputError:")]
+    assert len(lines) == 1 and str(target) in lines[0], run.stdout + run.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_output_folder_checks(tmp_path, readonly_dir):
+    out = io.check_output_folder(tmp_path / "new" / "out", expected_bytes=1000)
+    assert out == tmp_path / "new" / "out" and not (tmp_path / "new").exists()
+    assert os.listdir(tmp_path) == ["readonly"]  # no probe file left
+    with pytest.raises(InputError, match="required"):
+        io.check_output_folder("")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match="not a directory"):
+        io.check_output_folder(tmp_path / "file")
+    for target in (readonly_dir, readonly_dir / "out"):
+        with pytest.raises(OutputError) as err:
+            io.check_output_folder(target)
+        assert str(target) in str(err.value) and "cannot write" in str(err.value)
+    with pytest.raises(OutputError, match="free disk space"):
+        io.check_output_folder(tmp_path / "out", expected_bytes=10 ** 18)
+
+
+def test_output_folder_on_a_full_disk(small_disk):
+    with pytest.raises(OutputError) as err:
+        io.check_output_folder(small_disk / "out", expected_bytes=10 ** 6)
+    assert str(small_disk / "out") in str(err.value) and "MB free" in str(err.value)
+    io.check_output_folder(small_disk / "out", expected_bytes=10 ** 4)

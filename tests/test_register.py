@@ -2,8 +2,12 @@
 import json
 import os
 import pathlib
+import resource
+import shutil
+import struct
 import subprocess
 import sys
+import tracemalloc
 
 import numpy as np
 import pandas as pd
@@ -13,7 +17,7 @@ import SimpleITK as sitk
 from label_reg import datasets, io, synthetic
 from label_reg.errors import InputError
 from label_reg.preprocess import PreprocessConfig, gland_centre_of_mass
-from label_reg.register import QC_MAX_CENTRE_MM, QC_MIN_DSC, Registrar, read_points_csv, register_folder
+from label_reg.register import QC_MAX_CENTRE_MM, QC_MIN_DSC, Registrar, read_inputs, read_points_csv, register_folder
 from label_reg.transform import invert_points, transform_points
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -317,10 +321,15 @@ def test_batch_mode_loads_once_and_never_retraces(untrained_dir, phantom_dir, tm
 
 
 # ------------------------------------------------------------------------------------------------ CLI
-def _cli(*args):
+def _cli(*args, file_size_limit=None):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+
+    def limit():  # like `ulimit -f`: writes beyond this many bytes fail (Python ignores SIGXFSZ)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+
     return subprocess.run([sys.executable, "-m", "label_reg.cli", "register", *map(str, args)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300,
+                          preexec_fn=limit if file_size_limit else None)
 
 
 def test_cli_registers_into_an_existing_folder_replacing_only_its_own_outputs(untrained_dir, phantom_dir, tmp_path):
@@ -333,6 +342,8 @@ def test_cli_registers_into_an_existing_folder_replacing_only_its_own_outputs(un
                files["moving_label"], "--model", untrained_dir, "--output_dir", out)
     assert run.returncode == 0, run.stderr
     assert "registered" in run.stdout
+    assert run.stderr.strip() == (f"label-reg register: replaced 1 output file(s) of an earlier run in {out}: "
+                                  "moving_points_in_fixed.csv")  # reported, in one line (and nothing else)
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["notes.txt", "registration.json", "transform_ddf.nii.gz", "warped_moving_image.nii.gz",
          "warped_moving_label.nii.gz"])
@@ -363,21 +374,27 @@ def bad_inputs(phantom_dir, tmp_path_factory):
     for ch in channels:
         ch.SetOrigin([v + 5.0 for v in ch.GetOrigin()])
     io.write_label(shifted, channels)
-    return {"files": files, "two_d": two_d, "nan": nan, "shifted": shifted, "root": root}
+    zero_spacing = root / "zero_spacing.nii"  # NIfTI pixdim[2] = 0: ITK would silently read 1 mm
+    sitk.WriteImage(io.read_image(files["fixed_image"]), str(zero_spacing))
+    header = bytearray(zero_spacing.read_bytes())
+    header[84:88] = struct.pack("<f", 0.0)
+    zero_spacing.write_bytes(bytes(header))
+    return {"files": files, "two_d": two_d, "nan": nan, "shifted": shifted, "zero_spacing": zero_spacing,
+            "root": root}
 
 
-@pytest.mark.parametrize("case", ["missing_mask", "two_d", "nan", "label_geometry"])
+@pytest.mark.parametrize("case", ["missing_mask", "two_d", "nan", "label_geometry", "zero_spacing"])
 def test_bad_inputs_exit_2_with_one_line_and_no_output(case, bad_inputs, trained_model, tmp_path):
     files = bad_inputs["files"]
     mr, us, seg = files["moving_image"], files["fixed_image"], files["moving_label"]
     named = {"missing_mask": mr, "two_d": bad_inputs["two_d"], "nan": bad_inputs["nan"],
-             "label_geometry": bad_inputs["shifted"]}[case]
+             "label_geometry": bad_inputs["shifted"], "zero_spacing": bad_inputs["zero_spacing"]}[case]
     if case == "missing_mask":
         args = ["--moving_image", mr, "--fixed_image", us]
     elif case == "two_d":
         args = ["--moving_image", mr, "--fixed_image", bad_inputs["two_d"], "--moving_label", seg]
-    elif case == "nan":
-        args = ["--moving_image", mr, "--fixed_image", bad_inputs["nan"], "--moving_label", seg]
+    elif case in ("nan", "zero_spacing"):
+        args = ["--moving_image", mr, "--fixed_image", bad_inputs[case], "--moving_label", seg]
     else:
         args = ["--moving_image", mr, "--fixed_image", us, "--moving_label", bad_inputs["shifted"]]
     parent = tmp_path / "results"
@@ -388,8 +405,9 @@ def test_bad_inputs_exit_2_with_one_line_and_no_output(case, bad_inputs, trained
     assert len(errors) == 1 and str(named) in errors[0], run.stderr
     if case == "missing_mask":
         assert "gland mask" in errors[0] and "MIX+" in errors[0]
+    if case == "zero_spacing":
+        assert "pixdim[2]" in errors[0]
     assert list(parent.iterdir()) == []
-
 
 
 # ------------------------------------------------------------------------------------------------ found-gland chain
@@ -594,3 +612,109 @@ def test_gland_model_without_its_segmenter_is_a_one_line_error(gland_model, phan
     errors = _error_lines(run.stderr)
     assert len(errors) == 1 and str(broken / model_dir.SEGMENTER_DIR) in errors[0] and "segmenter" in errors[0]
     assert list(parent.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------------ outputs that never lie
+def _pair_args(files):
+    return ["--moving_image", files["moving_image"], "--fixed_image", files["fixed_image"], "--moving_label",
+            files["moving_label"]]
+
+
+def test_a_write_cut_short_fails_with_one_line_and_no_output(untrained_dir, phantom_dir, tmp_path):
+    """Under a file-size limit (``ulimit -f``) ITK leaves truncated images and reports nothing: today's register said
+    "registered" and exited 0. Every write is verified: exit 2, one line naming the output, nothing left."""
+    parent = tmp_path / "results"
+    parent.mkdir()
+    run = _cli(*_pair_args(_files(phantom_dir, "phantom007")), "--model", untrained_dir, "--output_dir",
+               parent / "out", file_size_limit=100_000)
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1 and "registered" not in run.stdout, run.stderr
+    assert _error_lines(run.stderr)[0].startswith(f"label-reg register: error: {parent / 'out'}/")
+    assert "File too large" in run.stderr
+    assert list(parent.iterdir()) == []
+
+
+def test_an_unwritable_output_folder_fails_before_the_model_loads(untrained_dir, phantom_dir, tmp_path, readonly_dir):
+    """Read-only output folder: one line naming it, exit 2, before the model is even looked at (this model's weights
+    are garbage, and the error is about the folder, not the weights)."""
+    broken = tmp_path / "broken_model"
+    shutil.copytree(untrained_dir, broken)
+    (broken / "model.weights.h5").write_bytes(b"garbage")
+    run = _cli(*_pair_args(_files(phantom_dir, "phantom008")), "--model", broken, "--output_dir", readonly_dir / "out")
+    assert run.returncode == 2, run.stderr
+    errors = _error_lines(run.stderr)
+    assert len(run.stderr.strip().splitlines()) == 1 and errors, run.stderr
+    assert errors[0].startswith(f"label-reg register: error: {readonly_dir / 'out'}: cannot write") and "weights" \
+        not in errors[0]
+
+
+def test_model_settings_that_do_not_fit_the_weights_are_one_line(untrained_dir, phantom_dir, tmp_path):
+    """base_filters 8 in label_reg.json over 4-filter weights: one line on stderr (no Keras warnings, no TensorFlow
+    start-up lines) that says so."""
+    edited = tmp_path / "model"
+    shutil.copytree(untrained_dir, edited)
+    info = json.loads((edited / "label_reg.json").read_text())
+    info["build"]["base_filters"] = 8
+    (edited / "label_reg.json").write_text(json.dumps(info))
+    run = _cli(*_pair_args(_files(phantom_dir, "phantom009")), "--model", edited, "--output_dir", tmp_path / "out")
+    assert run.returncode == 2
+    assert len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert "base_filters 8" in run.stderr and "the weights are of one with base_filters 4" in run.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_register_memory_is_bounded_by_the_slab_not_the_trus_grid(untrained, phantom_dir, tmp_path, monkeypatch):
+    """The TRUS-grid outputs are computed and written slab by slab: with small slabs, the memory numpy allocates while
+    registering onto a finer TRUS grid stays below half of ONE float64 displacement field of that grid (today's
+    register builds several). Outputs stay identical to one-slab processing."""
+    from label_reg import transform
+
+    files = _files(phantom_dir, "phantom006")
+    us = io.read_image(files["fixed_image"])
+    geo = io.Geometry.from_image(us)
+    fine_geo = io.Geometry(tuple(2 * n for n in geo.size), tuple(s / 2 for s in geo.spacing),
+                           geo.index_to_world((-0.25, -0.25, -0.25)), geo.direction)
+    fine = sitk.Resample(us, fine_geo.reference_image(), sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    io.write_image(tmp_path / "fine_trus.nii.gz", fine)
+    inputs = read_inputs(files["moving_image"], tmp_path / "fine_trus.nii.gz", files["moving_label"])
+    whole = untrained.register_inputs(inputs, tmp_path / "whole")  # one slab (and the network traced)
+    monkeypatch.setattr(transform, "SLAB_VOXELS", 1 << 15, raising=False)
+    tracemalloc.start()
+    try:
+        sliced = untrained.register_inputs(inputs, tmp_path / "sliced")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    voxels = int(np.prod(fine_geo.size))
+    assert voxels > 50 * (1 << 15)  # many slabs
+    print(f"peak {peak / 1e6:.1f} MB traced; one field {24 * voxels / 1e6:.1f} MB")
+    assert peak < 24 * voxels / 2, (peak / 1e6, 24 * voxels / 1e6)
+    for name in ("warped_moving_image", "warped_moving_label", "transform_ddf"):
+        a = sitk.GetArrayFromImage(sitk.ReadImage(str(whole.files[name])))
+        b = sitk.GetArrayFromImage(sitk.ReadImage(str(sliced.files[name])))
+        np.testing.assert_allclose(b, a, atol=1e-4, err_msg=name)
+
+
+def test_a_suspicious_prealignment_is_warned_about(untrained, phantom_dir, tmp_path):
+    """A 3x3x3 'gland' in the MR image's corner, and an MR placed 300 mm away: each registers, with a warning."""
+    files = _files(phantom_dir, "phantom010")
+    mr = io.read_image(files["moving_image"])
+    corner = np.zeros(io.Geometry.from_image(mr).size, np.float32)
+    corner[:3, :3, :3] = 1
+    io.write_label(tmp_path / "corner.nii.gz", [io.from_array(corner, io.Geometry.from_image(mr))])
+    res = untrained.register(files["moving_image"], files["fixed_image"], tmp_path / "corner.nii.gz", None,
+                             tmp_path / "out_corner")
+    assert len(res.warnings) == 1 and "touches the MR image border" in res.warnings[0], res.warnings
+    assert str(tmp_path / "corner.nii.gz") in res.warnings[0]
+    assert json.loads(res.files["registration"].read_text())["warnings"] == res.warnings
+
+    far = {}
+    for key in ("moving_image", "moving_label"):
+        img = sitk.ReadImage(str(files[key]))
+        img.SetOrigin([v + 300.0 for v in img.GetOrigin()])
+        far[key] = tmp_path / f"far_{key}.nii.gz"
+        sitk.WriteImage(img, str(far[key]))
+    res = untrained.register(far["moving_image"], files["fixed_image"], far["moving_label"], None, tmp_path / "out_far")
+    assert len(res.warnings) == 1 and "larger than the TRUS field of view" in res.warnings[0], res.warnings
+    ok = untrained.register(files["moving_image"], files["fixed_image"], files["moving_label"], None, tmp_path / "ok")
+    assert ok.warnings == []

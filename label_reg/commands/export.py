@@ -9,6 +9,8 @@ grid in label_reg.json.
 See :mod:`label_reg.export` for the signature. ``--model`` is an alias of ``--model_dir``.
 """
 import json
+import pathlib
+import sys
 
 from absl import flags
 from absl import logging
@@ -32,9 +34,14 @@ def main(argv):
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # TensorFlow's SavedModel writer is chatty at INFO
     from label_reg.export import export
+    from label_reg.io import check_output_folder
     from label_reg.predictor import Predictor
+    check_output_folder(FLAGS.output_dir)  # writable, before the model loads
+    earlier = (pathlib.Path(FLAGS.output_dir) / str(FLAGS.version)).is_dir()
     predictor = Predictor.from_model_dir(FLAGS.model_dir)
     path = export(FLAGS.model_dir, FLAGS.output_dir, FLAGS.version, predictor=predictor)
+    if earlier:
+        print(f"label-reg export: replaced the earlier version folder {path}", file=sys.stderr)
     shape = ", ".join(str(n) for n in predictor.image_shape)
     print(f"wrote SavedModel {path}")
     print(f"  serving_default inputs: {', '.join(predictor.input_names)} float32 (batch, {shape}, 1), "

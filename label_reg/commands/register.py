@@ -49,10 +49,11 @@ def main(argv):
         raise InputError("--output_dir", "is required")
     single = [name for name in ("moving_image", "fixed_image", "moving_label", "moving_points")
               if getattr(FLAGS, name)]
-    from label_reg.register import Registrar, register_folder
+    from label_reg.register import Registrar, check_output_dir, register_folder
     if FLAGS.data_dir:
         if single:
             raise InputError("--data_dir", f"cannot be combined with --{', --'.join(single)}")
+        check_output_dir(FLAGS.output_dir)  # writable, before the model loads
         registrar = Registrar(FLAGS.model_dir, FLAGS.check_min_dsc, FLAGS.check_max_centre_mm)
         results = register_folder(FLAGS.data_dir, FLAGS.output_dir, registrar=registrar)
         failed = [r for r in results if not r["ok"]]
@@ -74,12 +75,18 @@ def main(argv):
         raise InputError(f"--{missing[0]}", "is required (or --data_dir for a folder of pairs)")
     # Validate every input before loading TensorFlow and the model: bad input fails fast and writes nothing.
     from label_reg.model_dir import takes_moving_label
-    from label_reg.register import check_output_dir, read_inputs
+    from label_reg.register import read_inputs
     output_dir = check_output_dir(FLAGS.output_dir)
     inputs = read_inputs(FLAGS.moving_image, FLAGS.fixed_image, FLAGS.moving_label, FLAGS.moving_points,
                          mixplus=takes_moving_label(FLAGS.model_dir))
+    check_output_dir(output_dir, inputs)  # room for these outputs, before the model loads
     result = Registrar(FLAGS.model_dir, FLAGS.check_min_dsc, FLAGS.check_max_centre_mm).register_inputs(inputs,
                                                                                                      output_dir)
+    for warning in result.warnings:
+        print(f"label-reg register: warning: {warning}", file=sys.stderr)
+    if result.replaced:
+        print(f"label-reg register: replaced {len(result.replaced)} output file(s) of an earlier run in "
+              f"{result.output_dir}: {', '.join(result.replaced)}", file=sys.stderr)
     report = result.report
     print(f"registered {FLAGS.moving_image} -> {FLAGS.fixed_image} in {report['timings_s']['total_s']:.2f} s "
           f"(+ {report['model_load_s']:.2f} s model load); outputs in {result.output_dir}")
