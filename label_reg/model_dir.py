@@ -129,19 +129,20 @@ def _positive_int(value):
 
 
 def _check_build_types(build, path):
-    """The ``build`` values every network kind shares must be of their types, as JSON gives them: ``image_shape``
-    3 positive integers, ``base_filters`` a positive integer, ``moving_label_input`` (when present) true or false.
-    (The kinds' checkers convert; a "32" or 32.5 must not pass.)"""
+    """The ``build`` values the network kinds share must be of their types, as JSON gives them (when present; a
+    kind's own checker says which it needs): ``image_shape`` 3 positive integers, ``base_filters`` a positive
+    integer, ``moving_label_input`` true or false. (The kinds' checkers convert; a "32" or 32.5 must not pass.)"""
     if not isinstance(build, dict):
         raise InputError(path, "malformed 'build' section (expected a mapping)")
     shape = build.get("image_shape")
-    if not (isinstance(shape, list) and len(shape) == 3 and all(_positive_int(n) for n in shape)):
+    if "image_shape" in build and not (isinstance(shape, list) and len(shape) == 3
+                                       and all(_positive_int(n) for n in shape)):
         raise InputError(path, f"'build' image_shape must be a list of 3 positive integers, got {shape!r}")
     if "moving_label_input" in build and not isinstance(build["moving_label_input"], bool):
         raise InputError(path, f"'build' moving_label_input must be true or false, got "
                                f"{build['moving_label_input']!r}")
-    if not _positive_int(build.get("base_filters")):
-        raise InputError(path, f"'build' base_filters must be a positive integer, got {build.get('base_filters')!r}")
+    if "base_filters" in build and not _positive_int(build["base_filters"]):
+        raise InputError(path, f"'build' base_filters must be a positive integer, got {build['base_filters']!r}")
 
 
 def read_info(model_dir):
