@@ -74,11 +74,16 @@ def untrained(untrained_dir):
     return Registrar(untrained_dir)
 
 
+def _heldout_names(phantom_dir):
+    """The phantom pairs fold 0 holds out (those the tiny models never trained on)."""
+    names = [p.name for p in datasets.discover_pairs(phantom_dir)]
+    return datasets.kfold_split(names, 5, 0, 0)[1]
+
+
 @pytest.fixture(scope="module")
 def heldout_results(registrar, phantom_dir, tmp_path_factory):
     """Register every held-out phantom with its MR landmark centroids as moving points."""
-    names = [p.name for p in datasets.discover_pairs(phantom_dir)]
-    heldout = datasets.kfold_split(names, 5, 0, 0)[1]
+    heldout = _heldout_names(phantom_dir)
     out_root = tmp_path_factory.mktemp("registered")
     results = {}
     for name in heldout:
@@ -427,8 +432,7 @@ def gland_registrar(gland_model):
 def gland_results(gland_registrar, phantom_dir, tmp_path_factory):
     """The held-out phantoms of fold 0 registered through the whole chain (segmenter on the raw TRUS, found-gland
     pre-alignment, network, self-check)."""
-    names = [p.name for p in datasets.discover_pairs(phantom_dir)]
-    heldout = datasets.kfold_split(names, 5, 0, 0)[1]
+    heldout = _heldout_names(phantom_dir)
     out_root = tmp_path_factory.mktemp("gland_registered")
     results = {}
     for name in heldout:
