@@ -8,8 +8,11 @@ Every element is a dict of float32 tensors, each (b, X, Y, Z, 1), with the ``key
 :data:`TRAINING_KEYS`, what registration trains on): ``moving_image`` (MR), ``fixed_image`` (TRUS),
 ``moving_label`` and ``fixed_label`` (gland masks, label channel 0 only: landmarks never drive training),
 ``moving_sdm`` and ``fixed_sdm`` (gland signed distance maps in mm). A network trained on one side only asks for
-its keys (a TRUS segmenter: ``("fixed_image", "fixed_label")``). MR and TRUS are augmented independently, each side
-that is present with one affine draw shared by its image, mask and SDM (:func:`augment_batch`).
+its keys (a TRUS segmenter: ``("fixed_image", "fixed_label")``). Landmark-supervised training adds
+:data:`LANDMARK_KEYS`, ``moving_landmarks`` and ``fixed_landmarks``, each (b, X, Y, Z, L): label channels 1.. of each
+side, channel k of one paired with channel k of the other, zero channels where a pair has fewer than L landmark
+pairs (:func:`landmark_count`). MR and TRUS are augmented independently, each side that is present with one affine
+draw shared by its image, masks, landmarks and SDM (:func:`augment_batch`).
 """
 import numpy as np
 import tensorflow as tf
@@ -18,18 +21,35 @@ from label_reg import layers
 
 GLAND = 0
 TRAINING_KEYS = ("moving_image", "fixed_image", "moving_label", "fixed_label", "moving_sdm", "fixed_sdm")
-_SIDES = {"moving": ("moving_image", "moving_label", "moving_sdm"),
-          "fixed": ("fixed_image", "fixed_label", "fixed_sdm")}
+LANDMARK_KEYS = ("moving_landmarks", "fixed_landmarks")
+_SIDES = {"moving": ("moving_image", "moving_label", "moving_landmarks", "moving_sdm"),
+          "fixed": ("fixed_image", "fixed_label", "fixed_landmarks", "fixed_sdm")}
 
 
-def training_arrays(case, keys=TRAINING_KEYS):
-    """The training volumes ``keys`` of one pre-processed case (a dict from :mod:`label_reg.preprocess`),
-    each (X, Y, Z, 1)."""
-    unknown = sorted(set(keys) - set(TRAINING_KEYS))
+def landmark_count(case):
+    """Landmark pairs of a pre-processed case: label channels beyond the gland present on both sides, paired by
+    index (0 when the TRUS labels are missing)."""
+    if case.get("fixed_label") is None or case.get("moving_label") is None:
+        return 0
+    return max(0, min(np.shape(case["moving_label"])[-1], np.shape(case["fixed_label"])[-1]) - 1)
+
+
+def training_arrays(case, keys=TRAINING_KEYS, num_landmarks=0):
+    """The training volumes ``keys`` of one pre-processed case (a dict from :mod:`label_reg.preprocess`), each
+    (X, Y, Z, 1), except the :data:`LANDMARK_KEYS`, (X, Y, Z, num_landmarks): the case's first ``num_landmarks``
+    landmark pairs, zero channels beyond its own :func:`landmark_count`."""
+    unknown = sorted(set(keys) - set(TRAINING_KEYS) - set(LANDMARK_KEYS))
     if unknown:
-        raise ValueError(f"unknown training keys {unknown}; choose from {TRAINING_KEYS}")
+        raise ValueError(f"unknown training keys {unknown}; choose from {TRAINING_KEYS + LANDMARK_KEYS}")
     out = {}
     for key in keys:
+        if key in LANDMARK_KEYS:
+            labels = np.asarray(case[key.replace("_landmarks", "_label")], np.float32)
+            value = np.zeros(labels.shape[:3] + (int(num_landmarks),), np.float32)
+            count = min(landmark_count(case), int(num_landmarks))
+            value[..., :count] = labels[..., 1:1 + count]
+            out[key] = value
+            continue
         value = np.asarray(case[key], np.float32)
         if key.endswith("_label"):
             value = value[..., GLAND]
@@ -50,8 +70,8 @@ def batch_schedule(num_cases, batch_size, num_steps, seed):
 def augment_batch(batch, seed, scale):
     """Random affine augmentation of a batch dict, MR and TRUS drawn independently (stateless, seed shape [2]).
 
-    The image, gland mask and SDM of one side share a draw, so they stay aligned; a side none of whose keys is in
-    the batch is skipped (the other side's draw does not change). Masks stay in [0, 1] (trilinear).
+    The image, gland mask, landmarks and SDM of one side share a draw, so they stay aligned; a side none of whose
+    keys is in the batch is skipped (the other side's draw does not change). Masks stay in [0, 1] (trilinear).
     """
     if scale <= 0:
         return batch
@@ -65,36 +85,42 @@ def augment_batch(batch, seed, scale):
         transforms = layers.random_affine(size, scale, side_seed)
         stacked = tf.concat([batch[k] for k in keys], axis=-1)
         warped = layers.apply_affine(stacked, transforms, boundary="replicate")
-        for channel, key in enumerate(keys):
-            out[key] = warped[..., channel:channel + 1]
+        start = 0
+        for key in keys:
+            channels = batch[key].shape[-1]
+            out[key] = warped[..., start:start + channels]
+            start += channels
     return out
 
 
-def _stack(cases, keys=TRAINING_KEYS):
-    arrays = [training_arrays(c, keys) for c in cases]
-    shapes = {a[k].shape for a in arrays for k in keys}
+def _stack(cases, keys=TRAINING_KEYS, num_landmarks=None):
+    if num_landmarks is None:
+        wanted = set(keys) & set(LANDMARK_KEYS)
+        num_landmarks = max((landmark_count(c) for c in cases), default=0) if wanted else 0
+    arrays = [training_arrays(c, keys, num_landmarks) for c in cases]
+    shapes = {a[k].shape[:3] for a in arrays for k in keys}
     if len(shapes) != 1:
         raise ValueError(f"cases have different pre-processed shapes {sorted(shapes)}; use one pre-processing config")
     return {k: np.stack([a[k] for a in arrays]) for k in keys}
 
 
 def training_dataset(cases, global_batch_size, num_steps, seed, start_step=0, augment_scale=0.1,
-                     num_replicas=1, replica_offset=0, replicas_here=None, keys=TRAINING_KEYS):
+                     num_replicas=1, replica_offset=0, replicas_here=None, keys=TRAINING_KEYS, num_landmarks=None):
     """Per-replica training batches for steps ``start_step .. num_steps - 1``.
 
     Yields, for every step, one element per local replica (``replicas_here`` of them, global replica ids from
     ``replica_offset``), each with ``global_batch_size // num_replicas`` samples, in the order
     ``tf.distribute`` hands elements to local replicas. With one replica it is simply one batch per step.
-    ``keys``: the volumes each element holds (a subset of :data:`TRAINING_KEYS` that every case provides).
+    ``keys``: the volumes each element holds (a subset of :data:`TRAINING_KEYS` that every case provides, plus
+    :data:`LANDMARK_KEYS` if asked, with ``num_landmarks`` channels: default the most any case has).
     """
     keys = tuple(keys)
     if global_batch_size % num_replicas:
         raise ValueError(f"batch size {global_batch_size} does not split evenly over {num_replicas} replicas")
     replicas_here = num_replicas if replicas_here is None else replicas_here
     per_replica = global_batch_size // num_replicas
-    arrays = _stack(cases, keys)
+    arrays = _stack(cases, keys, num_landmarks)
     schedule = batch_schedule(len(cases), global_batch_size, num_steps, seed)
-    spatial = arrays[keys[0]].shape[1:]
 
     def take(step, replica):
         rows = schedule[step, replica * per_replica:(replica + 1) * per_replica]
@@ -104,7 +130,7 @@ def training_dataset(cases, global_batch_size, num_steps, seed, start_step=0, au
         step = start_step + index // replicas_here
         replica = replica_offset + index % replicas_here
         values = tf.numpy_function(take, [step, replica], [tf.float32] * len(keys), stateful=False)
-        batch = {k: tf.ensure_shape(v, (per_replica,) + spatial) for k, v in zip(keys, values)}
+        batch = {k: tf.ensure_shape(v, (per_replica,) + arrays[k].shape[1:]) for k, v in zip(keys, values)}
         seed_pair = tf.stack([tf.cast(seed, tf.int64), step * num_replicas + replica])
         return augment_batch(batch, seed_pair, augment_scale)
 
@@ -116,9 +142,9 @@ def training_dataset(cases, global_batch_size, num_steps, seed, start_step=0, au
     return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)
 
 
-def validation_dataset(cases, batch_size=1, keys=TRAINING_KEYS):
+def validation_dataset(cases, batch_size=1, keys=TRAINING_KEYS, num_landmarks=None):
     """Un-augmented batches of ``keys`` over ``cases`` in order, with a ``case_index`` key to find labels and
     names."""
-    arrays = _stack(cases, tuple(keys))
+    arrays = _stack(cases, tuple(keys), num_landmarks)
     arrays["case_index"] = np.arange(len(cases), dtype=np.int32)
     return tf.data.Dataset.from_tensor_slices(arrays).batch(batch_size).prefetch(tf.data.AUTOTUNE)

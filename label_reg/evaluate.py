@@ -75,13 +75,19 @@ WORLD_TRE_HEADER = "TRE world mm"
 
 
 # ------------------------------------------------------------------------------------------- naming
+LANDMARK_SUFFIX = " landmarks"
+
+
 def method_name(info) -> str:
     """The paper's name of a trained model from its loss weights and build: alpha>0, beta=0 -> mDSC;
     alpha=0, beta>0 -> SDM; both > 0 -> MIX, or MIX+ when the network takes the MR mask as a third input.
     Anything else (e.g. bending energy alone) gets a descriptive name. A model pre-aligned on the found TRUS gland
     (``preprocess.prealign == "trus_gland"``) gets " (found gland)" appended (``MIX+ (found gland)``), so it is told
-    apart from the paper pipeline's ``MIX+`` in ``compare``."""
+    apart from the paper pipeline's ``MIX+`` in ``compare``; one trained with landmark supervision
+    (``training.landmark_weight > 0``) gets " landmarks" after the loss name (``MIX+ landmarks (found gland)``)."""
     name = _loss_name(info)
+    if float((info.get("training") or {}).get("landmark_weight", 0) or 0) > 0:
+        name += LANDMARK_SUFFIX
     prealign = (info.get("preprocess") or {}).get("prealign", "trus_centre")
     return name + FOUND_SUFFIX if prealign == "trus_gland" else name
 

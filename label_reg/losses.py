@@ -4,6 +4,8 @@
 * :func:`sdm_msle` - mean squared logarithmic error between signed distance maps (the paper's L_SDM).
 * :func:`bending_energy` - second-order smoothness of a DDF (the paper's T).
 * :func:`segmentation_loss` - soft Dice + cross-entropy of the TRUS gland segmenter (:mod:`label_reg.segmenter`).
+* :func:`landmark_dice` - multiscale Dice over paired landmark channels (landmark-supervised training, Hu et al.
+  2018), absent pairs skipped.
 
 :func:`registration_loss` combines them as L = alpha * mDSC + beta * SDM + (1 - alpha - beta) * bending.
 Every loss is registered by name in :data:`LOSSES` so a flag can pick it (:func:`get_loss`).
@@ -99,8 +101,46 @@ def segmentation_loss(label, probability):
     return 1.0 - soft_dice(label, probability) + cross_entropy
 
 
+LANDMARK_TERMS = ("pairs", "one")
+
+
+def landmark_dice(fixed, warped, present, terms="pairs", sigmas=DEFAULT_SIGMAS):
+    """Multiscale Dice loss over paired landmark channels, per sample (B,).
+
+    fixed, warped: (B, D0, D1, D2, L) landmark masks in [0, 1], channel k of one paired with channel k of the other
+    (the fixed landmarks and the warped moving ones). present: (B, L) 0/1, which pairs exist (a pair missing on
+    either side, or a padded channel, is 0); only present pairs count and their mask channels are zeroed otherwise.
+    ``terms="pairs"``: the mean over present pairs of each pair's :func:`multiscale_dice`, so a small landmark weighs
+    as much as a large one. ``terms="one"``: one multiscale Dice over all present channels together (sums over
+    voxels and channels), so landmarks weigh by their size. A sample without any present pair scores 0 (no
+    gradient). With ``sigmas=(0,)`` identical binary landmarks score 0.
+    """
+    fixed, warped = tf.convert_to_tensor(fixed), tf.convert_to_tensor(warped)
+    if fixed.shape.rank != 5 or warped.shape.rank != 5:
+        raise ValueError(f"landmark_dice expects (B, D0, D1, D2, L) masks, got {fixed.shape} and {warped.shape}")
+    if terms not in LANDMARK_TERMS:
+        raise ValueError(f"landmark terms must be one of {LANDMARK_TERMS}, got {terms!r}")
+    present = tf.cast(present, fixed.dtype)
+    any_present = tf.cast(tf.reduce_sum(present, axis=1) > 0, fixed.dtype)
+    mask = present[:, None, None, None, :]
+    fixed, warped = fixed * mask, warped * mask
+    if terms == "one":
+        return multiscale_dice(fixed, warped, sigmas) * any_present
+    if not sigmas:
+        raise ValueError("landmark_dice needs at least one sigma")
+    axes = [1, 2, 3]
+    scores = []
+    for sigma in sigmas:  # smoothing is per channel, so each channel's Dice is its pair's
+        f, w = gaussian_smooth(fixed, sigma), gaussian_smooth(warped, sigma)
+        overlap = tf.reduce_sum(f * w, axis=axes)
+        scores.append(2.0 * overlap / (tf.reduce_sum(f, axis=axes) + tf.reduce_sum(w, axis=axes) + _EPS))
+    losses = 1.0 - tf.add_n(scores) / float(len(scores))  # (B, L)
+    return tf.reduce_sum(losses * present, axis=1) / tf.maximum(tf.reduce_sum(present, axis=1), 1.0)
+
+
 LOSSES = {
     "multiscale_dice": multiscale_dice,
+    "landmark_dice": landmark_dice,
     "sdm_msle": sdm_msle,
     "bending_energy": bending_energy,
     "segmentation": segmentation_loss,

@@ -3,10 +3,13 @@
 
 * Loss (:func:`loss_terms`): the network's DDF warps the moving gland mask (zero boundary) and, when ``beta > 0``,
   the moving SDM (replicate); :func:`label_reg.losses.registration_loss` weighs multiscale Dice (``alpha``), SDM
-  MSLE (``beta``) and bending energy (``1 - alpha - beta``).
+  MSLE (``beta``) and bending energy (``1 - alpha - beta``). With ``landmark_weight > 0`` (landmark supervision,
+  Hu et al. 2018; 0 is the paper) the landmark channels of both label files, paired by index, are warped too and
+  :func:`label_reg.losses.landmark_dice` adds ``landmark_weight`` times their multiscale Dice loss.
 * Validation (:func:`validate`) every ``validate_every`` steps on the held-out cases: median gland DSC and median
-  landmark TRE in mm at the working resolution. The weights with the best validation DSC are written to the model
-  directory with everything ``register`` needs (:mod:`label_reg.model_dir`).
+  landmark TRE in mm at the working resolution. The weights with the best validation DSC (or, with
+  ``select_by="tre"``, the lowest median TRE) are written to the model directory with everything ``register``
+  needs (:mod:`label_reg.model_dir`).
 
 See :mod:`label_reg.trainer` for the strategy, determinism, resuming and logging.
 """
@@ -16,12 +19,14 @@ import numpy as np
 import tensorflow as tf
 
 from label_reg import metrics, model_dir
-from label_reg.data import TRAINING_KEYS
-from label_reg.trainer import (RunConfig, Task, Trainer, load_cases, load_split, make_strategy,  # noqa: F401
-                               option, run_training)
+from label_reg.data import LANDMARK_KEYS, TRAINING_KEYS, landmark_count
+from label_reg.trainer import RunConfig, Task, Trainer, load_cases, load_split, make_strategy, option  # noqa: F401
 
-__all__ = ["TrainConfig", "REGISTRATION", "loss_terms", "validate", "train", "Trainer", "load_split", "load_cases",
-           "make_strategy"]
+__all__ = ["TrainConfig", "REGISTRATION", "registration_task", "loss_terms", "validate", "train", "Trainer",
+           "load_split", "load_cases", "make_strategy"]
+
+
+SELECT_BY = {"dsc": "dsc", "tre": "tre_mm"}  # --select_by value -> key of validate()'s result
 
 
 @dataclasses.dataclass
@@ -39,10 +44,25 @@ class TrainConfig(RunConfig):
     train_centres: str = option("true", "With --prealign=trus_gland, the TRUS gland centres the training pairs are "
                                         "pre-aligned on: true (from the TRUS masks) or found (the segmenter's). "
                                         "Validation always uses the found ones, as register does.")
+    landmark_weight: float = option(0.0, "Weight of the landmark loss: the landmark label channels (1..) of both "
+                                         "label files, paired by index, as an extra multiscale Dice term "
+                                         "(0 = the paper: gland masks only).")
+    landmark_terms: str = option("pairs", "Landmark loss: pairs (mean of each landmark pair's multiscale Dice) or "
+                                          "one (one multiscale Dice over all landmark channels together).")
+    select_by: str = option("dsc", "Validation score that picks the model kept: dsc (highest median gland DSC, "
+                                   "the paper) or tre (lowest median landmark TRE).")
 
     def __post_init__(self):
         from label_reg.errors import InputError
+        from label_reg.losses import LANDMARK_TERMS
         from label_reg.preprocess import PREALIGN_MODES
+        if not float(self.landmark_weight) >= 0:
+            raise InputError("--landmark_weight", f"must be >= 0, got {self.landmark_weight!r}")
+        if self.landmark_terms not in LANDMARK_TERMS:
+            raise InputError("--landmark_terms", f"must be one of {', '.join(LANDMARK_TERMS)}, "
+                                                 f"got {self.landmark_terms!r}")
+        if self.select_by not in SELECT_BY:
+            raise InputError("--select_by", f"must be one of {', '.join(SELECT_BY)}, got {self.select_by!r}")
         if self.prealign not in PREALIGN_MODES:
             raise InputError("--prealign", f"must be one of {', '.join(PREALIGN_MODES)}, got {self.prealign!r}")
         if self.train_centres not in ("true", "found"):
@@ -69,14 +89,21 @@ def build_model(config):
 
 def loss_terms(batch, ddf, config):
     """The training loss of a batch dict and the network's DDF (B, X, Y, Z, 3): per-sample (B,) terms of
-    :func:`label_reg.losses.registration_loss` (``total`` and each weighted term), plus ``dsc``, the hard gland
-    Dice of the warped moving mask (>= 0.5), for monitoring only."""
+    :func:`label_reg.losses.registration_loss` (``total`` and each weighted term; with ``landmark_weight > 0`` also
+    ``landmark_dice``, from the batch's ``moving_landmarks`` / ``fixed_landmarks`` (B, X, Y, Z, L), a pair counting
+    when both its channels are non-empty), plus ``dsc``, the hard gland Dice of the warped moving mask (>= 0.5), for
+    monitoring only."""
     from label_reg.layers import warp
-    from label_reg.losses import registration_loss, soft_dice
+    from label_reg.losses import landmark_dice, registration_loss, soft_dice
     warped_label = warp(batch["moving_label"], ddf, "zero")
     warped_sdm = warp(batch["moving_sdm"], ddf, "replicate") if config.beta > 0 else None
     terms = registration_loss(config.alpha, config.beta, batch["fixed_label"], warped_label, batch["fixed_sdm"],
                               warped_sdm, ddf)
+    if config.landmark_weight > 0:
+        moving, fixed = batch["moving_landmarks"], batch["fixed_landmarks"]
+        present = tf.logical_and(tf.reduce_sum(moving, axis=[1, 2, 3]) > 0, tf.reduce_sum(fixed, axis=[1, 2, 3]) > 0)
+        terms["landmark_dice"] = landmark_dice(fixed, warp(moving, ddf, "zero"), present, config.landmark_terms)
+        terms["total"] = terms["total"] + float(config.landmark_weight) * terms["landmark_dice"]
     terms["dsc"] = soft_dice(batch["fixed_label"], tf.cast(warped_label >= 0.5, warped_label.dtype))
     return terms
 
@@ -131,7 +158,26 @@ def middle_slices(predictor, case):
 REGISTRATION = Task(
     build_model=build_model, keys=TRAINING_KEYS, loss=loss_terms, validate=validate, select="dsc", save=save_best,
     baseline=lambda cases, config: validate(None, cases, config), preview=middle_slices, shown=("dsc",),
-    validation_names={"dsc": ("val_dsc", "val/dsc_median"), "tre_mm": ("val_tre", "val/tre_mm_median")})
+    validation_names={"dsc": ("val_dsc", "val/dsc_median"), "tre_mm": ("val_tre", "val/tre_mm_median")},
+    minimise=("tre_mm",))
+
+
+def registration_task(config, train_cases=(), val_cases=()):
+    """:data:`REGISTRATION` as ``config`` asks for it: the landmark volumes in the batches with
+    ``landmark_weight > 0``, and the model kept by ``select_by``. Refuses (``InputError``) landmark training
+    without landmark pairs in ``train_cases`` and TRE selection without them in ``val_cases``."""
+    from label_reg.errors import InputError
+    task = REGISTRATION
+    if config.landmark_weight > 0:
+        if train_cases and not any(landmark_count(c) for c in train_cases):
+            raise InputError(config.data_dir, "--landmark_weight > 0 but no training pair has landmarks (label "
+                                              "channels beyond the gland in both label files)")
+        task = dataclasses.replace(task, keys=TRAINING_KEYS + LANDMARK_KEYS, shown=("dsc", "landmark_dice"))
+    if config.select_by == "tre":
+        if val_cases and not any(landmark_count(c) for c in val_cases):
+            raise InputError(config.data_dir, "--select_by=tre but no validation pair has landmarks")
+        task = dataclasses.replace(task, select=SELECT_BY["tre"])
+    return task
 
 
 def train(config):
@@ -141,13 +187,13 @@ def train(config):
     With ``prealign == "trus_gland"`` the validation pairs are pre-aligned on the TRUS gland centre the segmenter
     (``segmenter_dir``) finds, as ``register`` will do, and the training pairs on the true centres (from the TRUS
     masks) or the found ones (``train_centres``); the segmenter is copied into the model directory."""
-    if config.prealign != "trus_gland":
-        return run_training(REGISTRATION, config)
-    from label_reg.segmenter import GlandFinder
-    finder = GlandFinder.from_model_dir(config.segmenter_dir)
     train_pairs, val_pairs = load_split(config)
     grid = config.preprocess_config()
+    finder = None
+    if config.prealign == "trus_gland":
+        from label_reg.segmenter import GlandFinder
+        finder = GlandFinder.from_model_dir(config.segmenter_dir)
     train_cases = load_cases(train_pairs, grid, config.cache_dir, config.progress,
                              finder if config.train_centres == "found" else None)
     val_cases = load_cases(val_pairs, grid, config.cache_dir, config.progress, finder)
-    return Trainer(REGISTRATION, config, train_cases, val_cases).run()
+    return Trainer(registration_task(config, train_cases, val_cases), config, train_cases, val_cases).run()

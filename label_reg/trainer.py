@@ -17,7 +17,7 @@ The trainer owns what every network's training shares:
 
 What a kind of network brings is a :class:`Task`: its model builder, its loss as a plain function
 ``loss(batch, output, config) -> {name: (B,) tensor}`` with ``"total"`` (the one minimised), its validation
-``validate(predictor, cases, config) -> {name: float}`` with the :attr:`Task.select` score (larger is better), and
+``validate(predictor, cases, config) -> {name: float}`` with the :attr:`Task.select` score, and
 how the best model is saved. The registration network's task is :data:`label_reg.train.REGISTRATION`.
 """
 import dataclasses
@@ -93,13 +93,15 @@ class Task:
     the global batch and logged as ``train/<name>`` (a task may add monitoring entries, e.g. a batch Dice).
     validate: ``(predictor, cases, config) -> {name: float}`` on the validation cases (a
     :class:`label_reg.predictor.Predictor` of the model being trained).
-    select: the key of ``validate``'s result that picks the model kept (larger is better).
+    select: the key of ``validate``'s result that picks the model kept (larger is better, unless it is in
+    ``minimise``).
     save: ``(model_dir, model, config, step, result) -> None``: write the model directory (chief only).
     baseline: optional ``(cases, config) -> dict``, the validation scores without the network, reported as
     ``coarse`` in the summary.
     preview: optional ``(predictor, case) -> {TensorBoard tag: (H, W, 3) float32 image}`` at every validation.
     shown: training terms shown in the progress bar besides ``loss`` (= ``total``).
     validation_names: {result key: (progress-bar name, TensorBoard tag)}; other keys are not shown or logged.
+    minimise: keys of ``validate``'s result where smaller is better (e.g. a registration error in mm).
     """
 
     build_model: Callable
@@ -112,6 +114,12 @@ class Task:
     preview: Optional[Callable] = None
     shown: tuple = ()
     validation_names: dict = dataclasses.field(default_factory=dict)
+    minimise: tuple = ()
+
+    def score(self, result):
+        """The selection score of a validation result, larger is better (NaN never wins)."""
+        value = float(result[self.select])
+        return -value if self.select in self.minimise else value
 
 
 # ------------------------------------------------------------------------------------------------ set-up
@@ -219,8 +227,8 @@ class Trainer:
             self.optimizer = tf.keras.optimizers.Adam(float(config.learning_rate))
             self.optimizer.build(self.model.trainable_variables)
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
-            # The best value of task.select; checkpointed as "best_dsc" so older checkpoints resume.
-            self.best = tf.Variable(-1.0, dtype=tf.float64, trainable=False, name="best_dsc")
+            # The best Task.score so far; checkpointed as "best_dsc" so older checkpoints resume.
+            self.best = tf.Variable(float("-inf"), dtype=tf.float64, trainable=False, name="best_dsc")
         self.model_dir = pathlib.Path(config.model_dir)
         ckpt_dir = self.model_dir / "checkpoints"
         if not self.chief:  # every worker must save (collectives), only the chief's copy is kept
@@ -322,10 +330,12 @@ class Trainer:
                 self.writer.flush()
         elapsed = time.perf_counter() - started
         done = int(self.step.numpy()) - start
+        best = float(self.best.numpy())  # the best Task.score: back to the value of task.select
+        best = -best if task.select in task.minimise else best
         return {"steps": done, "seconds": elapsed,
                 "samples_per_second": done * self.global_batch / elapsed if done else float("nan"),
                 "loss_history": history, "validation_history": validations, "coarse": coarse, "last_validation": last_val,
-                f"best_{task.select}": float(self.best.numpy()), "interrupted": self._stop,
+                f"best_{task.select}": best, "interrupted": self._stop,
                 "train_step_traces": int(self.train_step.experimental_get_tracing_count())}
 
     def _restore(self):
@@ -349,8 +359,9 @@ class Trainer:
             return None
         result = self.validate()
         self._log_validation(step, result)
-        if result[self.task.select] > float(self.best.numpy()):
-            self.best.assign(result[self.task.select])
+        score = self.task.score(result)
+        if score > float(self.best.numpy()):
+            self.best.assign(score)
             if self.chief:
                 self.task.save(self.model_dir, self.model, self.config, step, result)
         return result

@@ -85,3 +85,19 @@ def test_a_model_for_another_grid_is_one_line_and_no_csv(trained_model, phantom_
     assert run.returncode == 2
     assert run.stderr.strip().splitlines()[-1].startswith(f"baselines.py: error: {trained_model[0]}: was trained on")
     assert not output.exists()
+
+
+def test_a_found_gland_model_puts_every_row_on_the_found_gland(gland_model, phantom_dir, tmp_path):
+    """A trus_gland model: the pairs are pre-aligned on the gland its segmenter finds, as evaluate scores them."""
+    from label_reg.evaluate import COARSE_FOUND, evaluate
+    output = tmp_path / "gland.csv"
+    assert baselines.main(["--data_dir", str(phantom_dir), "--spacing_mm", "3", "--shape", "32", "32", "32",
+                           "--methods", "", "--model", str(gland_model), "--output", str(output)]) == 0
+    rows = pd.read_csv(output)
+    network = "MIX+ (found gland)"
+    assert set(rows["method"]) == {COARSE_FOUND, f"{network} (label_reg)"}
+    reference = evaluate(gland_model, tmp_path / "eval").per_case
+    for ours, theirs in ((COARSE_FOUND, COARSE_FOUND), (f"{network} (label_reg)", network)):
+        got = rows[rows["method"] == ours].set_index("case")["dsc"]
+        want = reference[reference["method"] == theirs].set_index("case")["dsc"]
+        np.testing.assert_allclose(got.loc[want.index], want, atol=1e-6)

@@ -104,3 +104,47 @@ def test_registration_loss_weights_and_registry():
         except ValueError:
             continue
         raise AssertionError(f"weights {bad} accepted")
+
+
+def _landmarks(centres, radius=2, shape=SHAPE):
+    """(1, X, Y, Z, L) landmark masks, one small sphere per channel (None: an empty channel)."""
+    channels = [np.zeros(shape, np.float32) if c is None else _sphere(shape, c, radius) for c in centres]
+    return np.stack(channels, -1)[None]
+
+
+def test_landmark_dice_counts_present_pairs_only_and_keeps_pairing_by_index():
+    fixed = _landmarks([(6, 6, 6), (16, 16, 16), (6, 16, 6)])
+    same = losses.landmark_dice(fixed, fixed, [[1, 1, 1]], sigmas=(0,)).numpy()
+    assert same.shape == (1,) and abs(same[0]) < 1e-6
+    # Channels swapped: every landmark lands on another one's place, so the pairs do not match.
+    swapped = fixed[..., [1, 0, 2]]
+    assert losses.landmark_dice(fixed, swapped, [[1, 1, 1]], sigmas=(0,)).numpy()[0] > 0.6
+    # A pair marked absent does not count, whatever its masks hold; "pairs" is the mean over present pairs.
+    one_wrong = fixed.copy()
+    one_wrong[..., 2] = _landmarks([(18, 6, 18)])[..., 0]
+    pairs = losses.landmark_dice(fixed, one_wrong, [[1, 1, 1]], sigmas=(0,)).numpy()[0]
+    np.testing.assert_allclose(pairs, 1.0 / 3.0, atol=1e-5)
+    assert abs(losses.landmark_dice(fixed, one_wrong, [[1, 1, 0]], sigmas=(0,)).numpy()[0]) < 1e-6
+    # "one": a single Dice over all present channels.
+    one = losses.landmark_dice(fixed, one_wrong, [[1, 1, 1]], terms="one", sigmas=(0,)).numpy()[0]
+    np.testing.assert_allclose(one, 1.0 / 3.0, atol=1e-5)  # equal-sized landmarks: same as the mean of pairs
+    # A sample without landmark pairs scores 0 with a finite (zero) gradient; a batch mixes both kinds.
+    fixed2 = np.concatenate([fixed, np.zeros_like(fixed)])
+    ddf = tf.Variable(np.zeros((2,) + SHAPE + (3,), np.float32))
+    with tf.GradientTape() as tape:
+        loss = losses.landmark_dice(fixed2, warp(np.roll(fixed2, 2, axis=1), ddf, "zero"), [[1, 1, 1], [0, 0, 0]])
+    grad = tape.gradient(loss, ddf).numpy()
+    assert loss.numpy()[1] == 0.0 and loss.numpy()[0] > 0
+    assert np.isfinite(grad).all() and np.abs(grad[0]).max() > 0 and np.abs(grad[1]).max() == 0
+
+
+def test_landmark_dice_falls_as_the_landmarks_come_together_and_checks_its_input():
+    fixed = _landmarks([(8, 12, 12), (16, 12, 12)])
+    values = [losses.landmark_dice(fixed, np.roll(fixed, shift, axis=1), [[1, 1]]).numpy()[0]
+              for shift in (6, 4, 2, 1, 0)]
+    assert all(a > b for a, b in zip(values, values[1:]))
+    import pytest
+    with pytest.raises(ValueError, match="terms"):
+        losses.landmark_dice(fixed, fixed, [[1, 1]], terms="each")
+    with pytest.raises(ValueError, match=r"\(B, D0, D1, D2, L\)"):
+        losses.landmark_dice(fixed[0], fixed[0], [[1, 1]])

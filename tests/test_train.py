@@ -209,3 +209,53 @@ def test_mirrored_strategy_over_two_logical_cpus(phantom_dir, tmp_path):
             "print('REPLICAS', s.num_replicas_in_sync)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT)
     assert "REPLICAS 2" in out.stdout, out.stderr[-2000:]
+
+
+def test_landmark_volumes_are_paired_padded_and_augmented_with_their_side(trained_model, tiny_train_config):
+    from label_reg.train import load_cases, load_split
+    train_pairs, _ = load_split(tiny_train_config)
+    cases = load_cases(train_pairs[:3], tiny_train_config.preprocess_config(), tiny_train_config.cache_dir, False)
+    counts = [data_lib.landmark_count(c) for c in cases]
+    assert min(counts) > 0
+    # Channel 1 of both sides replaced by the gland mask: after augmentation, landmark channel 0 must still be
+    # exactly the augmented gland of its own side (one draw per side). The last case loses all but one landmark.
+    cases = [dict(c) for c in cases]
+    for c in cases:
+        for side in ("moving_label", "fixed_label"):
+            labels = np.array(c[side], np.float32)
+            labels[..., 1] = labels[..., 0]
+            c[side] = labels
+    cases[-1]["fixed_label"] = cases[-1]["fixed_label"][..., :2]
+    keys = data_lib.TRAINING_KEYS + data_lib.LANDMARK_KEYS
+    batches = list(data_lib.training_dataset(cases, 3, 2, seed=4, augment_scale=0.1, keys=keys).as_numpy_iterator())
+    most = max(data_lib.landmark_count(c) for c in cases)
+    for batch in batches:
+        assert batch["moving_landmarks"].shape == (3,) + tuple(tiny_train_config.shape) + (most,)
+        for side in ("moving", "fixed"):
+            np.testing.assert_allclose(batch[f"{side}_landmarks"][..., 0], batch[f"{side}_label"][..., 0], atol=1e-6)
+    plain = data_lib.training_arrays(cases[-1], keys, num_landmarks=most)
+    assert plain["fixed_landmarks"][..., 1:].max() == 0 and plain["moving_landmarks"][..., 1:].max() == 0
+    assert plain["moving_landmarks"].shape[-1] == most
+
+
+def test_landmark_training_keeps_the_lowest_tre_model(trained_model, tiny_train_config, tmp_path):
+    import dataclasses
+
+    from label_reg.evaluate import method_name
+    from label_reg.train import TrainConfig, registration_task, train
+    config = dataclasses.replace(tiny_train_config, model_dir=str(tmp_path / "model"), landmark_weight=1.0,
+                                 select_by="tre", num_steps=60, validate_every=20, checkpoint_every=60)
+    task = registration_task(config)
+    assert task.select == "tre_mm" and set(data_lib.LANDMARK_KEYS) <= set(task.keys)
+    summary = train(config)
+    tres = {v["step"]: v["tre_mm"] for v in summary["validation_history"]}
+    best_step = min(tres, key=tres.get)
+    info, _ = model_dir_lib.read_info(tmp_path / "model")
+    assert info["best_step"] == best_step and summary["best_tre_mm"] == pytest.approx(tres[best_step])
+    assert info["training"]["landmark_weight"] == 1.0 and method_name(info) == "MIX+ landmarks"
+    assert all(np.isfinite(summary["loss_history"]))
+    for bad, flag in (({"landmark_weight": -1.0}, "--landmark_weight"), ({"select_by": "loss"}, "--select_by"),
+                      ({"landmark_terms": "all"}, "--landmark_terms")):
+        from label_reg.errors import InputError
+        with pytest.raises(InputError, match=flag):
+            TrainConfig(data_dir="", model_dir="", **bad)

@@ -22,7 +22,10 @@ registrations a user would otherwise run, with SimpleITK, on the crop grid:
 * with ``--model_dir`` (alias ``--model``): the network (a ``label-reg train`` model directory) on the same
   pre-processed pairs, as ``label-reg evaluate`` runs it (its :class:`label_reg.evaluate.Evaluator`: the
   batch-norm-folded model through one :class:`label_reg.predictor.Predictor`), so all rows share one table.
-  Its pre-processing settings must match ``--spacing_mm`` / ``--shape``.
+  Its pre-processing settings must match ``--spacing_mm`` / ``--shape``. A model pre-aligned on the found TRUS
+  gland (``prealign: trus_gland``) puts every row on that pre-alignment: each pair is pre-aligned on the gland its
+  segmenter finds in the TRUS (as ``register`` does), so the baselines start where the network starts and the
+  pre-alignment row is named ``Coarse (found gland)``.
 
 Each case is scored as the network is (:func:`label_reg.metrics.case_metrics`): gland DSC (and thirds), landmark
 TRE in mm (label channels >= 1 warped by the resulting transform, linear then >= 0.5, like the pre-processing),
@@ -46,7 +49,7 @@ import SimpleITK as sitk
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from label_reg import datasets, metrics, report  # noqa: E402
-from label_reg.preprocess import PreprocessConfig, preprocess_pair  # noqa: E402
+from label_reg.preprocess import PreprocessConfig  # noqa: E402
 
 COARSE = "Coarse"
 METHODS = {
@@ -168,17 +171,26 @@ def score_case(pre, method, fold=None):
 
 
 class NetworkMethod:
-    """A trained model directory scored like a baseline: (ddf, warped labels, seconds) per pre-processed pair."""
+    """A trained model directory scored like a baseline: (ddf, warped labels, seconds) per pre-processed pair.
+
+    ``config``: the pre-processing the other rows use (``--spacing_mm``, ``--shape``); it must be the model's grid.
+    ``preprocess_config`` is the model's own (with its pre-alignment mode) and ``finder`` its TRUS gland segmenter
+    (None for the paper's TRUS-centre pre-alignment)."""
 
     def __init__(self, model_dir, config):
+        from label_reg import model_dir as md
         from label_reg.errors import InputError
         from label_reg.evaluate import Evaluator, method_name
         self.evaluator = Evaluator.from_model_dir(model_dir)
-        own = self.evaluator.preprocess_config
+        own = self.preprocess_config = self.evaluator.preprocess_config
         if (tuple(own.shape), float(own.spacing_mm)) != (tuple(config.shape), float(config.spacing_mm)):
             raise InputError(model_dir, f"was trained on {'x'.join(map(str, own.shape))} at {own.spacing_mm:g} mm; "
                                         f"pass --spacing_mm {own.spacing_mm:g} --shape {' '.join(map(str, own.shape))}")
         self.name = f"{method_name(self.evaluator.info)} (label_reg)"
+        self.finder = None
+        if own.prealign == "trus_gland":
+            from label_reg.segmenter import GlandFinder
+            self.finder = GlandFinder.from_model_dir(md.segmenter_path(model_dir, self.evaluator.info))
 
     def row(self, pre, fold=None):
         if not self.evaluator.predictor.forward.experimental_get_tracing_count():  # trace once, outside the timing
@@ -189,8 +201,8 @@ class NetworkMethod:
         return _row(pre, self.name, fold, (warped >= 0.5).astype(np.float32), ddf, seconds)
 
 
-def coarse_row(pre, fold=None):
-    return _row(pre, COARSE, fold, pre.moving_label, None, 0.0)
+def coarse_row(pre, fold=None, name=COARSE):
+    return _row(pre, name, fold, pre.moving_label, None, 0.0)
 
 
 # ------------------------------------------------------------------------------------------------ tables
@@ -206,19 +218,19 @@ def summary(per_case):
 
 def run(pairs, config, methods, fold=None, progress=True, cache_dir="", network=None):
     """Per-case DataFrame for ``pairs`` (datasets.Pair with fixed labels), the chosen ``methods`` and optionally a
-    :class:`NetworkMethod`."""
-    cache = None
-    if cache_dir:
-        from label_reg.cache import CaseCache
-        from label_reg.preprocess import Preprocessed
-        cache = CaseCache(cache_dir, config.to_dict())
+    :class:`NetworkMethod` (whose segmenter, if it has one, pre-aligns every pair on the found TRUS gland)."""
+    from label_reg.evaluate import COARSE_FOUND
+    from label_reg.preprocess import Preprocessed
+    from label_reg.trainer import load_cases
+    finder = None if network is None else network.finder
+    if finder is not None:
+        config = network.preprocess_config
     rows = []
     for i, pair in enumerate(pairs, 1):
-        if cache is None:
-            pre = preprocess_pair(pair, config)
-        else:
-            pre = Preprocessed.from_arrays(cache.get_or_compute(pair, lambda p: preprocess_pair(p, config).to_arrays()))
-        case_rows = [coarse_row(pre, fold)] + [score_case(pre, m, fold) for m in methods]
+        arrays, = load_cases([pair], config, cache_dir, progress=False, finder=finder)
+        pre = Preprocessed.from_arrays(arrays)
+        coarse = coarse_row(pre, fold, COARSE if finder is None else COARSE_FOUND)
+        case_rows = [coarse] + [score_case(pre, m, fold) for m in methods]
         if network is not None:
             case_rows.append(network.row(pre, fold))
         for row in case_rows:

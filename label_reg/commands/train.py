@@ -28,9 +28,10 @@ def config_from_command_line():
 
 def main(argv):
     reject_positional(argv)
-    from label_reg.train import REGISTRATION, train
-    summary = train(config_from_command_line())
-    best = f"best_{REGISTRATION.select}"
+    from label_reg.train import registration_task, train
+    config = config_from_command_line()
+    summary = train(config)
+    best = f"best_{registration_task(config).select}"
     report = {k: summary[k] for k in ("steps", "seconds", "samples_per_second", "coarse", "last_validation", best,
                                       "interrupted")}
     print(json.dumps(report, indent=2))
