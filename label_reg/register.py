@@ -297,7 +297,7 @@ class Registrar:
         ddf, affine = self.predict_stages(pre)
         timings["predict_s"] = time.perf_counter() - t
         if not np.isfinite(ddf).all() or (affine is not None and not np.isfinite(affine).all()):
-            raise RuntimeError("the network predicted a non-finite DDF")
+            raise RuntimeError("the network predicted a non-finite DDF or affine")
         world = affine_report = None
         if affine is not None:
             from label_reg.transform import affine_summary, world_affine

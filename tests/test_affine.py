@@ -328,6 +328,19 @@ def test_a_model_without_the_stage_writes_no_affine_file_and_removes_a_stale_one
     assert "transform_affine.tfm" in result.replaced
 
 
+def test_the_savedmodel_serves_the_total_ddf_of_a_global_affine_model(known_affine_dir, tmp_path):
+    from label_reg import export
+    version = export.export(known_affine_dir, tmp_path / "serving")
+    served = tf.saved_model.load(str(version)).signatures[export.SIGNATURE]
+    model, _, _ = model_dir.load(known_affine_dir)
+    rng = np.random.default_rng(5)
+    x = {k: rng.random((1,) + TINY.shape + (1,), dtype=np.float32) for k in model.input}
+    ddf = served(**{k: tf.constant(v) for k, v in x.items()})["ddf"].numpy()
+    expected = network.stage_model(model)(x, training=False)
+    assert np.abs(expected["ddf"].numpy()).max() > 3.0 and not np.any(expected["ddf_local"].numpy())
+    np.testing.assert_allclose(ddf, expected["ddf"].numpy(), atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------ rotation
 def test_the_affine_stage_registers_a_25_degree_rotated_pair_better_than_the_pre_alignment(rotated_pair_files):
     """A direct test of the affine path (a full training to predict rotations is far beyond a test's budget): on one
