@@ -76,6 +76,7 @@ WORLD_TRE_HEADER = "TRE world mm"
 
 # ------------------------------------------------------------------------------------------- naming
 LANDMARK_SUFFIX = " landmarks"
+AFFINE_SUFFIX = " affine"
 
 
 def method_name(info) -> str:
@@ -84,8 +85,11 @@ def method_name(info) -> str:
     Anything else (e.g. bending energy alone) gets a descriptive name. A model pre-aligned on the found TRUS gland
     (``preprocess.prealign == "trus_gland"``) gets " (found gland)" appended (``MIX+ (found gland)``), so it is told
     apart from the paper pipeline's ``MIX+`` in ``compare``; one trained with landmark supervision
-    (``training.landmark_weight > 0``) gets " landmarks" after the loss name (``MIX+ landmarks (found gland)``)."""
+    (``training.landmark_weight > 0``) gets " landmarks" after the loss name (``MIX+ landmarks (found gland)``), and
+    one with the global affine stage (``build.global_affine``) " affine" (``MIX+ affine landmarks``)."""
     name = _loss_name(info)
+    if bool((info.get("build") or {}).get("global_affine", False)):
+        name += AFFINE_SUFFIX
     if float((info.get("training") or {}).get("landmark_weight", 0) or 0) > 0:
         name += LANDMARK_SUFFIX
     prealign = (info.get("preprocess") or {}).get("prealign", "trus_centre")

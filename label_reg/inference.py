@@ -289,12 +289,25 @@ class FoldedBlocks(network.Blocks):
         return self._place(FusedConv3D(conv.filters, conv.kernel_size[0], name=name),
                            _conv_weights(conv))(self._settle(x))
 
+    def affine_head(self, x, name):
+        """The global affine head, its Dense weights copied. A pending shift ``c`` of the features passes the
+        average pooling (``mean(x + c) = mean(x) + c``) and is folded into the Dense bias: ``b' = b + c W``."""
+        dense = self.layer(name)
+        kernel = np.asarray(dense.kernel.numpy(), np.float64)
+        bias = np.asarray(dense.bias.numpy(), np.float64)
+        entry = self._pending.get(id(x))
+        if entry is not None:
+            bias = bias + entry[1] @ kernel
+        pooled = keras.layers.GlobalAveragePooling3D(name=f"{name}_pool")(x)
+        return self._place(keras.layers.Dense(dense.units, name=name), [kernel, bias])(pooled)
+
 
 def fold_batchnorm(model):
     """Inference-only copy of a :func:`label_reg.network.build_model` network with its batch norms folded.
 
     See the module docstring for which folds are made and why they are exact. Returns a ``keras.Model`` with the
-    same dict inputs and DDF output as ``model``; ``model(x, training=False)`` and the result agree to float32
+    same dict inputs and DDF output as ``model`` (and, for a global-affine network, the same affine head, so
+    :func:`label_reg.network.stage_model` works on it too); ``model(x, training=False)`` and the result agree to float32
     rounding. The returned model has a ``fold_report`` attribute: {BN layer name: what became of it}.
     """
     blocks = FoldedBlocks(model)
@@ -302,7 +315,7 @@ def fold_batchnorm(model):
     names = list(model.input)
     image_shape = tuple(int(n) for n in model.input[names[0]].shape[1:4])
     folded = network.build_model(image_shape, "moving_label" in names, base_filters, name=f"{model.name}_folded",
-                                 blocks=blocks)
+                                 blocks=blocks, global_affine=network.has_global_affine(model))
     for layer, arrays in blocks.weights:
         layer.set_weights(arrays)
     bns = sorted(l.name for l in model.layers if isinstance(l, keras.layers.BatchNormalization))

@@ -10,6 +10,8 @@ Conventions (see the package docstring):
   index (x, y, z) to world: ``p = origin + matrix @ idx``.
 * Displacement fields on disk are ITK displacement fields: 3-component float64 vectors in world millimetres,
   and the transform maps a point p of the field's grid to ``p + disp(p)``.
+* Affine transforms on disk (:func:`write_affine_transform`) are ITK ``AffineTransform_double_3_3`` text files
+  (``.tfm``) in world millimetres, mapping a point p to ``matrix (p - center) + center + translation``.
 
 Every problem with a user's file raises :class:`label_reg.errors.InputError` naming that file. Reading checks the
 NIfTI header first (:func:`check_nifti_header`: voxel sizes finite and positive, qform and sform describing the same
@@ -1045,6 +1047,35 @@ def write_displacement_field(path, disp_mm, geometry: Geometry) -> None:
         raise ValueError("displacement field holds NaN/Inf")
     with NiftiSlabWriter(path, geometry, np.float64, kind="displacement") as writer:
         writer.write(disp.transpose(2, 1, 0, 3))
+
+
+def write_affine_transform(path, matrix, translation_mm, center_mm=(0.0, 0.0, 0.0)) -> None:
+    """Write an ITK affine transform file (``.tfm``, text, full float64 precision), atomically and verified by
+    reading it back: ``sitk.ReadTransform`` of it maps a world point p (mm) to
+    ``matrix @ (p - center_mm) + center_mm + translation_mm``. matrix: (3, 3); translation_mm, center_mm: (3,)."""
+    matrix = np.asarray(matrix, np.float64)
+    translation = np.asarray(translation_mm, np.float64).reshape(-1)
+    center = np.asarray(center_mm, np.float64).reshape(-1)
+    if matrix.shape != (3, 3) or translation.shape != (3,) or center.shape != (3,):
+        raise ValueError(f"affine transform needs a (3, 3) matrix and 3-vectors, got {matrix.shape}, "
+                         f"{translation.shape}, {center.shape}")
+    if not (np.isfinite(matrix).all() and np.isfinite(translation).all() and np.isfinite(center).all()):
+        raise ValueError("affine transform holds NaN/Inf")
+    transform = sitk.AffineTransform(3)
+    transform.SetMatrix(tuple(float(v) for v in matrix.ravel()))
+    transform.SetCenter(tuple(float(v) for v in center))
+    transform.SetTranslation(tuple(float(v) for v in translation))
+    target = pathlib.Path(path)
+    with atomic_path(target) as tmp:
+        try:
+            sitk.WriteTransform(transform, str(tmp))
+            back = sitk.ReadTransform(str(tmp))
+        except RuntimeError as err:
+            raise OutputError(target, f"cannot write transform ({_short_itk_message(err)})") from None
+        same = (np.allclose(back.GetParameters(), transform.GetParameters(), rtol=1e-12, atol=1e-12)
+                and np.allclose(back.GetFixedParameters(), transform.GetFixedParameters(), rtol=1e-12, atol=1e-12))
+        if back.GetName() != "AffineTransform" or not same:
+            raise OutputError(target, "write failed: the transform reads back different")
 
 
 def read_displacement_field(path) -> tuple[np.ndarray, Geometry]:

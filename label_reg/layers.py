@@ -368,3 +368,106 @@ class AffineAugmentation(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "scale": self.scale, "seed": self.seed}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Global affine stage (label_reg.network.build_model(global_affine=True))
+# ---------------------------------------------------------------------------------------------------------------
+AFFINE_PARAMETERS = 12
+
+
+def affine_parts(theta, spatial_shape):
+    """Split the affine head's 12 parameters into the voxel-space affine about the volume centre.
+
+    theta: (B, 12); spatial_shape: the DDF grid (D0, D1, D2) in voxels. The affine maps a grid index x to the source
+    index ``y = c + (I + R)(x - c) + t`` with ``c = (n - 1) / 2`` the grid centre (voxels, per axis):
+
+    * ``R = theta[:, :9]`` reshaped to (3, 3) row-major: the linear part's residual from the identity, voxel
+      coordinates (dimensionless);
+    * ``t = theta[:, 9:] * h``: the translation in voxels, the parameters being in units of the half extent
+      ``h = max((n - 1) / 2, 1)`` of each axis (so a unit of translation moves about as far as a unit of ``R`` moves
+      the volume's faces, and the head learns both at a similar pace).
+
+    theta = 0 is exactly the identity. Returns (R (B, 3, 3), t (B, 3) voxels, c (3,) numpy float32).
+    """
+    theta = tf.convert_to_tensor(theta)
+    centre = (np.asarray(spatial_shape, np.float32) - 1.0) / 2.0
+    half = np.maximum(centre, 1.0).astype(np.float32)
+    residual = tf.reshape(theta[:, :9], [-1, 3, 3])
+    translation = theta[:, 9:] * tf.constant(half, theta.dtype)
+    return residual, translation, centre
+
+
+def affine_matrix(theta, spatial_shape):
+    """The affine of :func:`affine_parts` as (B, 3, 4) in grid indices: ``y = M[:, :3] x + M[:, 3]``
+    (``M[:, :3] = I + R``, ``M[:, 3] = t - R c``), mapping a DDF-grid index to the moving (source) index."""
+    residual, translation, centre = affine_parts(theta, spatial_shape)
+    linear = residual + tf.eye(3, dtype=residual.dtype)[None]
+    offset = translation - tf.einsum("bij,j->bi", residual, tf.constant(centre, residual.dtype))
+    return tf.concat([linear, offset[..., None]], axis=-1)
+
+
+def affine_ddf(theta, spatial_shape):
+    """The dense displacement field (B, D0, D1, D2, 3), voxels, of the affine of :func:`affine_parts`:
+    ``a(x) = R (x - c) + t`` (the warp convention of :func:`warp`: ``moving(x + a(x))``)."""
+    return compose_affine(None, theta, spatial_shape)
+
+
+def compose_affine(local, theta, spatial_shape):
+    """The total DDF of the global affine followed by the local deformation.
+
+    The affine is applied to the moving image first, ``m1(y) = moving(A(y))`` with ``A(y) = y + a(y)``, and the local
+    DDF ``l`` (B, D0, D1, D2, 3) refines on the affine-aligned image: ``warped(x) = m1(x + l(x)) =
+    moving(A(x + l(x)))``. So ``total(x) = l(x) + a(x + l(x))``, which for an affine ``a`` is exactly
+
+        total(x) = a(x) + (I + R) l(x) = l(x) + R (x - c + l(x)) + t      (voxels, no resampling of ``l``)
+
+    With ``l = 0`` it is the affine field ``a``; with ``theta = 0`` it is ``l``, bit for bit. ``local=None`` means
+    ``l = 0``. theta: (B, 12) (:func:`affine_parts`); spatial_shape: static (D0, D1, D2).
+    """
+    theta = tf.convert_to_tensor(theta)
+    residual, translation, centre = affine_parts(theta, spatial_shape)
+    grid = identity_grid([int(n) for n in spatial_shape], theta.dtype) - tf.constant(centre, theta.dtype)
+    if local is None:
+        return tf.einsum("bij,xyzj->bxyzi", residual, grid) + translation[:, None, None, None, :]
+    local = tf.convert_to_tensor(local, theta.dtype)
+    return (local + tf.einsum("bij,bxyzj->bxyzi", residual, grid[None] + local)
+            + translation[:, None, None, None, :])
+
+
+@keras.saving.register_keras_serializable(package="label_reg")
+class ComposeAffine(keras.layers.Layer):
+    """``ComposeAffine(spatial_shape)([local_ddf, theta])``: the total DDF (B, D0, D1, D2, 3), voxels, of the
+    global affine (theta (B, 12), :func:`affine_parts`) followed by the local DDF (:func:`compose_affine`)."""
+
+    def __init__(self, spatial_shape, **kwargs):
+        super().__init__(**kwargs)
+        self.spatial_shape = tuple(int(n) for n in spatial_shape)
+
+    def call(self, inputs):
+        local, theta = inputs
+        return compose_affine(local, theta, self.spatial_shape)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[0])
+
+    def get_config(self):
+        return {**super().get_config(), "spatial_shape": list(self.spatial_shape)}
+
+
+@keras.saving.register_keras_serializable(package="label_reg")
+class AffineMatrix(keras.layers.Layer):
+    """theta (B, 12) -> the affine (B, 3, 4) in DDF-grid indices (:func:`affine_matrix`)."""
+
+    def __init__(self, spatial_shape, **kwargs):
+        super().__init__(**kwargs)
+        self.spatial_shape = tuple(int(n) for n in spatial_shape)
+
+    def call(self, inputs):
+        return affine_matrix(inputs, self.spatial_shape)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], 3, 4)
+
+    def get_config(self):
+        return {**super().get_config(), "spatial_shape": list(self.spatial_shape)}

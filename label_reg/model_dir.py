@@ -57,15 +57,19 @@ class NetworkKind:
 
 def _build_registration(**build):
     from label_reg.network import build_model
-    return build_model(tuple(build["image_shape"]), build["moving_label_input"], build["base_filters"])
+    return build_model(tuple(build["image_shape"]), build["moving_label_input"], build["base_filters"],
+                       global_affine=build.get("global_affine", False))
 
 
 def _check_registration(build):
+    """The registration ``build`` section as written; ``global_affine`` (the global affine stage) is False when
+    absent (model directories written before it existed)."""
     shape = [int(n) for n in build["image_shape"]]
-    if len(shape) != 3 or not isinstance(build["moving_label_input"], bool):
-        raise ValueError("image_shape must be 3 sizes and moving_label_input a boolean")
+    global_affine = build.get("global_affine", False)
+    if len(shape) != 3 or not isinstance(build["moving_label_input"], bool) or not isinstance(global_affine, bool):
+        raise ValueError("image_shape must be 3 sizes and moving_label_input and global_affine booleans")
     return {"image_shape": shape, "moving_label_input": build["moving_label_input"],
-            "base_filters": int(build["base_filters"])}
+            "base_filters": int(build["base_filters"]), "global_affine": global_affine}
 
 
 def _fold_registration(model):
@@ -131,7 +135,8 @@ def _positive_int(value):
 def _check_build_types(build, path):
     """The ``build`` values the network kinds share must be of their types, as JSON gives them (when present; a
     kind's own checker says which it needs): ``image_shape`` 3 positive integers, ``base_filters`` a positive
-    integer, ``moving_label_input`` true or false. (The kinds' checkers convert; a "32" or 32.5 must not pass.)"""
+    integer, ``moving_label_input`` and ``global_affine`` true or false. (The kinds' checkers convert; a "32" or
+    32.5 must not pass.)"""
     if not isinstance(build, dict):
         raise InputError(path, "malformed 'build' section (expected a mapping)")
     shape = build.get("image_shape")
@@ -141,6 +146,8 @@ def _check_build_types(build, path):
     if "moving_label_input" in build and not isinstance(build["moving_label_input"], bool):
         raise InputError(path, f"'build' moving_label_input must be true or false, got "
                                f"{build['moving_label_input']!r}")
+    if "global_affine" in build and not isinstance(build["global_affine"], bool):
+        raise InputError(path, f"'build' global_affine must be true or false, got {build['global_affine']!r}")
     if "base_filters" in build and not _positive_int(build["base_filters"]):
         raise InputError(path, f"'build' base_filters must be a positive integer, got {build['base_filters']!r}")
 
@@ -210,7 +217,8 @@ def check_weights(weights, model, build, network=REGISTRATION):
     if network == REGISTRATION:
         inputs = 3 if build["moving_label_input"] else 2
         said = (f"{INFO_FILE} describes a network with base_filters {build['base_filters']} and {inputs} inputs "
-                f"({'MIX+' if inputs == 3 else 'two-input'})")
+                f"({'MIX+' if inputs == 3 else 'two-input'})"
+                + (", with the global affine stage" if build.get("global_affine", False) else ""))
         first_kernel = found.get("layers/conv3d/vars/0")  # Keras' name for the first Conv3D's kernel
         if (first_kernel is not None and len(first_kernel) == 5
                 and first_kernel[3:] != (inputs, build["base_filters"])):

@@ -15,6 +15,22 @@ Architecture (the paper, section 2.3; SPEC section 2):
   MR gland mask) when ``moving_label_input=True`` (MIX+). The three-input switch is fixed at build time.
 * Output: the DDF (B, D0, D1, D2, 3) in voxels, used as ``moving(x + ddf(x))`` (see :class:`label_reg.layers.Warp`).
 
+**Global affine stage** (``global_affine=True``, ``label-reg train --global_affine``): the bottom (1/16) features
+also feed an affine head, global average pooling -> ``Dense(12)`` (``affine_head``, zero kernel and zero bias), whose
+12 parameters are the affine's residual from the identity in voxel coordinates about the volume centre
+(:func:`label_reg.layers.affine_parts`: a 3x3 linear residual ``R`` and a translation in units of half the volume
+extent). The U-Net's DDF becomes the *local* DDF ``l`` (layer ``ddf_local``) and the output is still one total DDF,
+the affine applied to the moving image first and ``l`` refining on the affine-aligned image
+(:func:`label_reg.layers.compose_affine`):
+
+    ddf(x) = l(x) + a(x + l(x)) = a(x) + (I + R) l(x),      a(x) = R (x - c) + t,  c = (n - 1) / 2
+
+so ``moving(x + ddf(x)) = moving(A(x + l(x)))``. Untrained, both the affine and ``l`` are zero and so is the output.
+:func:`stage_model` exposes the stages (the affine as a (B, 3, 4) matrix in grid indices, and ``l``) for
+``register``, which writes the affine alone as an ITK transform. The bending energy of the total DDF has no affine
+term (second differences of ``a`` vanish); it sees ``(I + R) l``, which for a rigid affine has the bending energy of
+``l`` exactly (a rotation keeps the norm of every second-derivative vector).
+
 The topology is written once, in :func:`build_model`; the layers of each block come from a :class:`Blocks` object.
 ``Blocks`` makes the trainable Keras layers; :class:`label_reg.inference.FoldedBlocks` makes the batch-norm-folded
 inference layers from a trained model's weights, so the inference copy is the same network by construction.
@@ -24,7 +40,7 @@ DDF is cropped back, so any shape of at least 16 voxels per axis works.
 """
 import keras
 
-from label_reg.layers import PadEnd, Resize3D
+from label_reg.layers import AFFINE_PARAMETERS, AffineMatrix, ComposeAffine, PadEnd, Resize3D
 
 LEVELS = 5  # resolutions 1, 1/2, 1/4, 1/8, 1/16
 # Moving-average decay of batch-norm statistics: NiftyNet's BN layer default (0.9). Keras' 0.99 leaves the
@@ -33,6 +49,8 @@ BN_MOMENTUM = 0.9
 INPUT_NAMES = ("moving_image", "fixed_image", "moving_label")
 BASE_FILTERS = 4  # the paper's filters at full resolution (4, doubled per level to 64)
 NEGATIVE_SLOPE = 0.1  # LeakyReLU
+AFFINE_HEAD = "affine_head"  # the Dense layer of the global affine stage: its output is the 12 parameters
+LOCAL_DDF = "ddf_local"  # the U-Net's own (local) DDF in a global-affine network
 
 
 def padded_shape(shape):
@@ -81,14 +99,23 @@ class Blocks:
         return keras.layers.Conv3D(3, 3, padding="same", kernel_initializer="zeros", bias_initializer="zeros",
                                    name=name)(x)
 
+    def affine_head(self, x, name):
+        """Global affine parameters (B, 12) from features (B, D0, D1, D2, C): global average pooling
+        (``{name}_pool``) -> Dense(12) (``{name}``), zero kernel and zero bias (the identity affine)."""
+        x = keras.layers.GlobalAveragePooling3D(name=f"{name}_pool")(x)
+        return keras.layers.Dense(AFFINE_PARAMETERS, kernel_initializer="zeros", bias_initializer="zeros",
+                                  name=name)(x)
 
-def build_model(image_shape=None, moving_label_input=True, base_filters=BASE_FILTERS, name=None, blocks=None):
+
+def build_model(image_shape=None, moving_label_input=True, base_filters=BASE_FILTERS, name=None, blocks=None,
+                global_affine=False):
     """Build the registration U-Net (see the module docstring). Returns an uncompiled ``keras.Model``.
 
     image_shape: spatial shape (D0, D1, D2) in voxels, each at least 16 (default: the pre-processing crop,
     :class:`label_reg.preprocess.PreprocessConfig`). moving_label_input: add the MR gland mask as a third input
     (MIX+). base_filters: filters at full resolution (the paper: 4). blocks: the :class:`Blocks` that make the
-    layers (default: trainable Keras layers).
+    layers (default: trainable Keras layers). global_affine: add the global affine stage (module docstring); the
+    output stays one total DDF.
     """
     if image_shape is None:
         from label_reg.preprocess import PreprocessConfig
@@ -98,6 +125,8 @@ def build_model(image_shape=None, moving_label_input=True, base_filters=BASE_FIL
         raise ValueError(f"image_shape must be 3 sizes of at least {2 ** (LEVELS - 1)} voxels, got {image_shape}")
     if int(base_filters) < 1:
         raise ValueError(f"base_filters must be >= 1, got {base_filters}")
+    if not isinstance(global_affine, bool):
+        raise ValueError(f"global_affine must be True or False, got {global_affine!r}")
     blocks = Blocks() if blocks is None else blocks
     names = INPUT_NAMES if moving_label_input else INPUT_NAMES[:2]
     inputs = {n: keras.Input(shape=image_shape + (1,), name=n) for n in names}
@@ -117,6 +146,7 @@ def build_model(image_shape=None, moving_label_input=True, base_filters=BASE_FIL
     x = blocks.conv_block(x, filters[-1], "bottom")
 
     ddf = blocks.ddf_head(x, f"ddf_level{LEVELS - 1}")
+    theta = blocks.affine_head(x, AFFINE_HEAD) if global_affine else None
     for level in reversed(range(LEVELS - 1)):
         shape = tuple(n // 2 ** level for n in padded)
         x = blocks.up_block(x, filters[level], f"up{level}")
@@ -127,6 +157,27 @@ def build_model(image_shape=None, moving_label_input=True, base_filters=BASE_FIL
 
     if padded != image_shape:
         ddf = keras.layers.Cropping3D(padding, name="crop_from_16")(ddf)
+    if global_affine:
+        ddf = keras.layers.Identity(name=LOCAL_DDF)(ddf)
+        ddf = ComposeAffine(image_shape, name="ddf_compose")([ddf, theta])
     ddf = keras.layers.Identity(name="ddf")(ddf)
     default_name = "label_reg_mixplus" if moving_label_input else "label_reg"
     return keras.Model(inputs=inputs, outputs=ddf, name=name or default_name)
+
+
+def has_global_affine(model):
+    """Whether a :func:`build_model` network (or its folded copy) has the global affine stage."""
+    return any(layer.name == AFFINE_HEAD for layer in model.layers)
+
+
+def stage_model(model):
+    """A ``keras.Model`` with ``model``'s dict inputs (sharing its layers and weights) whose outputs are the dict
+    ``{"ddf": total DDF (B, D0, D1, D2, 3), "ddf_local": local DDF (B, D0, D1, D2, 3), "affine": (B, 3, 4)}`` for a
+    global-affine network, trained or batch-norm-folded (:func:`label_reg.layers.affine_matrix`: DDF-grid index x ->
+    moving index ``affine[:, :3] x + affine[:, 3]``; voxels). None for a network without the stage."""
+    if not has_global_affine(model):
+        return None
+    shape = tuple(int(n) for n in model.output.shape[1:4])
+    affine = AffineMatrix(shape, name="affine")(model.get_layer(AFFINE_HEAD).output)
+    return keras.Model(model.input, {"ddf": model.output, "ddf_local": model.get_layer(LOCAL_DDF).output,
+                                     "affine": affine}, name=f"{model.name}_stages")

@@ -8,7 +8,7 @@
    input of MIX+ models);
 2. pre-process exactly as in training with the model's recorded :class:`~label_reg.preprocess.PreprocessConfig`
    (pre-alignment translation ``t``, crop grid around the TRUS centre, intensity normalisation);
-3. predict the DDF ``u`` on the crop grid;
+3. predict the DDF ``u`` on the crop grid (for a ``global_affine`` model also its affine stage alone);
 4. compose the total transform ``T(p) = p + M_c u(W_c^-1 p) + t`` (:mod:`label_reg.transform`) sampled on the TRUS
    image grid, and resample the MR image (cubic B-spline) and every MR label channel (linear, then >= 0.5) through it;
 5. map MR points (biopsy targets) into TRUS space by inverting ``T`` per point;
@@ -25,9 +25,15 @@ Outputs (``output_dir``):
   when K > 1).
 * ``transform_ddf.nii.gz``        the total transform as an ITK displacement field in mm on the TRUS grid: TRUS point
   p maps to MR point p + d(p) (``sitk.DisplacementFieldTransform``; 3D Slicer loads it as a transform).
+* ``transform_affine.tfm``        (``global_affine`` models only) the network's global affine stage alone, with the
+  pre-alignment translation, as an ITK affine transform in world (LPS) mm mapping a TRUS point to its MR point like
+  the displacement field does (:func:`label_reg.transform.world_affine`); SimpleITK and 3D Slicer load it. The
+  displacement field already holds it (the total transform); inside the crop grid the two agree where the local
+  deformation is zero.
 * ``moving_points_in_fixed.csv`` / ``moving_points_in_fixed.mrk.json`` with ``moving_points``: the points in TRUS
   world (LPS) mm, with a ``status`` of ``ok``, ``outside_fixed_image`` or ``not_inverted`` (residual > 0.01 mm).
-* ``registration.json``           model, inputs, timings, pre-alignment (mode, anchor, translation), DDF statistics
+* ``registration.json``           model, inputs, timings, pre-alignment (mode, anchor, translation), DDF statistics,
+  the world affine (``global_affine``: matrix, translation, centre, rotation angle, scales; null without the stage),
   the self-check (``quality_check``, null without a segmenter) and pre-alignment ``warnings``.
 * ``fixed_label_predicted.nii.gz`` (``trus_gland`` models only) the TRUS gland the segmenter found, on the TRUS
   grid (uint8 0/1).
@@ -69,6 +75,7 @@ OUTPUT_FILES = {
     "warped_moving_image": "warped_moving_image.nii.gz",
     "warped_moving_label": "warped_moving_label.nii.gz",
     "transform_ddf": "transform_ddf.nii.gz",
+    "transform_affine": "transform_affine.tfm",
     "moving_points_in_fixed_csv": "moving_points_in_fixed.csv",
     "moving_points_in_fixed_mrk": "moving_points_in_fixed.mrk.json",
     "registration": "registration.json",
@@ -211,6 +218,14 @@ class Registrar:
         self.info, self.config = self.predictor.info, self.predictor.preprocess_config
         self.moving_label_input = "moving_label" in self.predictor.input_names
         self.image_shape = self.predictor.image_shape
+        self.global_affine, self._stages = False, None
+        from label_reg import network
+        if network.has_global_affine(self.predictor.model):
+            import tensorflow as tf
+            stages = network.stage_model(self.predictor.model)
+            self.global_affine = True
+            self._stages = tf.function(lambda inputs: stages(inputs, training=False),
+                                       input_signature=[self.predictor.signature(1)])
         self.finder = self._load_segmenter() if self.config.prealign == "trus_gland" else None
         self.load_seconds = time.perf_counter() - start
 
@@ -230,7 +245,18 @@ class Registrar:
     # -- pieces ----------------------------------------------------------------------------------------------
     def predict(self, pre):
         """The network DDF (X, Y, Z, 3) in crop voxels for a :class:`~label_reg.preprocess.Preprocessed` pair."""
-        return self.predictor.predict(pre)
+        return self.predict_stages(pre)[0]
+
+    def predict_stages(self, pre):
+        """(DDF (X, Y, Z, 3) float32 crop voxels, affine (3, 4) float64 or None): the total DDF and, for a
+        ``global_affine`` model, its affine stage alone (crop index x -> moving crop index ``A[:, :3] x + A[:, 3]``,
+        :func:`label_reg.network.stage_model`), from one forward pass."""
+        if self._stages is None:
+            return self.predictor.predict(pre), None
+        import tensorflow as tf
+        out = self._stages({k: tf.constant(v) for k, v in self.predictor.case_inputs(pre).items()})
+        return (np.asarray(out["ddf"][0].numpy(), np.float32),
+                np.asarray(out["affine"][0].numpy(), np.float64))
 
     # -- the whole thing -------------------------------------------------------------------------------------
     def register(self, moving_image, fixed_image, moving_label=None, moving_points=None, output_dir=None):
@@ -268,10 +294,16 @@ class Registrar:
         timings["preprocess_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        ddf = self.predict(pre)
+        ddf, affine = self.predict_stages(pre)
         timings["predict_s"] = time.perf_counter() - t
-        if not np.isfinite(ddf).all():
-            raise RuntimeError("the network predicted a non-finite DDF")
+        if not np.isfinite(ddf).all() or (affine is not None and not np.isfinite(affine).all()):
+            raise RuntimeError("the network predicted a non-finite DDF or affine")
+        world = affine_report = None
+        if affine is not None:
+            from label_reg.transform import affine_summary, world_affine
+            world = world_affine(affine, pre.grid, pre.translation_mm)
+            affine_report = {**affine_summary(*world, pre.grid.center_world),
+                             "voxel_matrix": [[float(v) for v in row] for row in affine]}
 
         us_geo = lio.Geometry.from_image(us)
         field = TotalDisplacement(ddf, pre.grid, pre.translation_mm, us_geo)
@@ -301,7 +333,7 @@ class Registrar:
         report = {
             "model_dir": str(self.model_dir.resolve()),
             "model": {"moving_label_input": self.moving_label_input, "image_shape": list(self.image_shape),
-                      "preprocess": self.config.to_dict()},
+                      "global_affine": self.global_affine, "preprocess": self.config.to_dict()},
             "inputs": {"moving_image": _abs(moving_image), "fixed_image": _abs(fixed_image),
                        "moving_label": _abs(moving_label), "moving_points": _abs(moving_points)},
             "fixed_geometry": us_geo.to_dict(),
@@ -313,6 +345,7 @@ class Registrar:
                              "segmenter_dir": None if self.finder is None else
                              str(pathlib.Path(self.finder.model_dir).resolve())},
             "quality_check": check,
+            "global_affine": affine_report,
             "ddf_mm": {"max": float(magnitude.max()), "mean": float(magnitude.mean()),
                        "p95": float(np.percentile(magnitude, 95)),
                        "folding_fraction": float(np.mean(det <= 0.0)),
@@ -340,6 +373,10 @@ class Registrar:
             t = time.perf_counter()
             files.update({k: out / OUTPUT_FILES[k] for k in ("warped_moving_image", "warped_moving_label",
                                                                "transform_ddf")})
+            if world is not None:
+                lio.write_affine_transform(staging / OUTPUT_FILES["transform_affine"], world[0],
+                                           affine_report["translation_mm"], affine_report["center_mm"])
+                files["transform_affine"] = out / OUTPUT_FILES["transform_affine"]
             if predicted is not None:
                 lio.write_label(staging / OUTPUT_FILES["fixed_label_predicted"], [predicted])
                 files["fixed_label_predicted"] = out / OUTPUT_FILES["fixed_label_predicted"]

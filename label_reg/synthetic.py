@@ -16,6 +16,11 @@ The project's embedded default data (demo and tests). Everything is defined anal
   below 0.5, so ``T`` is invertible). TRUS labels and images at p are the anatomy evaluated at ``T(p)``, exactly.
   The offset puts the TRUS gland 4-10 mm away from the TRUS volume centre, so the coarse pre-alignment (MR gland
   centre of mass onto the TRUS centre) leaves a real error.
+* **Rotation** (optional, ``max_rotation_deg`` / ``rotation_deg``): the TRUS side sees the anatomy rotated about
+  the TRUS gland centre g, ``T(p) = c + Q (p - g) + u(p) - u(g)`` with ``c`` the MR gland centre and ``Q`` a rotation
+  by up to N degrees about a random axis (without rotation, ``Q = I``, this is the unrotated ``T`` exactly). The
+  rotation is drawn from its own random stream, so a rotated pair has the anatomy, deformation and images of the
+  unrotated pair of the same seed, only turned.
 * **Ground truth** is an ITK displacement field on the TRUS grid, ``disp(p) = T(p) - p`` in mm (the ITK
   convention: the transform maps a TRUS point p to the MR point p + disp(p)).
 
@@ -197,10 +202,14 @@ class _Deformation:
 # ------------------------------------------------------------------------------------------------ public API
 def make_pair(rng, *, mr_size=_MR_SIZE, mr_spacing=_MR_SPACING, mr_direction=None,
               us_size=_US_SIZE, us_spacing=_US_SPACING, us_direction=_US_DIRECTION,
-              num_landmarks=None):
+              num_landmarks=None, max_rotation_deg=0.0, rotation_deg=None):
     """One MR-like / TRUS-like phantom pair.
 
     ``rng`` is a ``numpy.random.Generator`` (or a seed). Directions are row-major 9-tuples (None = identity).
+    ``max_rotation_deg``: rotate the TRUS side's view of the anatomy about the TRUS gland centre by an angle drawn
+    uniformly in [-N, N] degrees about a random axis (0: no rotation, the pair of earlier versions exactly);
+    ``rotation_deg``: exactly this angle (degrees) about a random axis instead. The linear part of the TRUS -> MR map
+    is returned as ``rotation`` (3x3, identity without rotation) and its angle as ``rotation_deg``.
     Returns a dict: ``moving_image`` / ``fixed_image`` (float32 sitk images), ``moving_label`` / ``fixed_label``
     (lists of K uint8 sitk channels, 0 = gland), ``displacement`` (sitk vector image of float64 on the TRUS grid,
     mm, ITK convention: TRUS point p corresponds to MR point p + disp(p)), and, for tests, ``landmarks_mm``
@@ -208,6 +217,7 @@ def make_pair(rng, *, mr_size=_MR_SIZE, mr_spacing=_MR_SPACING, mr_direction=Non
     (TRUS world point that maps onto the MR gland centre).
     """
     rng = np.random.default_rng(rng)
+    rotation, angle = _trus_rotation(rng, max_rotation_deg, rotation_deg)
     identity = (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0)
     num_landmarks = int(rng.integers(2, 6)) if num_landmarks is None else int(num_landmarks)
 
@@ -228,7 +238,11 @@ def make_pair(rng, *, mr_size=_MR_SIZE, mr_spacing=_MR_SPACING, mr_direction=Non
         offset = anatomy.centre - gland_us - deformation(gland_us[None])[0]
         # Quantised to 2^-10 mm (exact in float64): the stored ground truth is exactly the field used, and the
         # zero low mantissa bits let the file compress ~5x.
-        disp = np.round((offset + deformation(us_points)) * 1024.0) / 1024.0
+        disp = offset + deformation(us_points)
+        if rotation is not None:
+            relative = us_points - gland_us
+            disp += relative @ rotation.T - relative
+        disp = np.round(disp * 1024.0) / 1024.0
         us_q = us_points + disp
         us_regions = anatomy.regions(us_q)
         us_labels = anatomy.labels(us_regions).reshape(*us_geo.size, -1)
@@ -266,25 +280,29 @@ def make_pair(rng, *, mr_size=_MR_SIZE, mr_spacing=_MR_SPACING, mr_direction=Non
         "landmarks_mm": anatomy.landmarks.copy(),
         "gland_centre_mm": anatomy.centre.copy(),
         "fixed_gland_centre_mm": gland_us,
+        "rotation": np.eye(3) if rotation is None else rotation,
+        "rotation_deg": angle,
     }
 
 
-def write_phantoms(output_dir, num_pairs, seed=0):
+def write_phantoms(output_dir, num_pairs, seed=0, max_rotation_deg=0.0):
     """Write ``num_pairs`` phantom pairs in the paired layout; returns the written pair names.
 
     ``output_dir/{moving_images,moving_labels,fixed_images,fixed_labels,ground_truth}/phantomNNN.nii.gz``;
-    ``ground_truth`` holds the ITK displacement fields (TRUS grid, mm). Pair i depends only on (seed, i).
+    ``ground_truth`` holds the ITK displacement fields (TRUS grid, mm). Pair i depends only on (seed, i) (and
+    ``max_rotation_deg``: each TRUS side rotated by a random angle up to it, see :func:`make_pair`).
     """
     num_pairs = int(num_pairs)
     if num_pairs < 1:
         raise ValueError(f"num_pairs must be >= 1, got {num_pairs}")
+    _check_angle("max_rotation_deg", max_rotation_deg)
     for sub in LAYOUT_DIRS + (GROUND_TRUTH_DIR,):
         os.makedirs(os.path.join(output_dir, sub), exist_ok=True)
     width = max(3, len(str(num_pairs - 1)))
     names = []
     for i, child in enumerate(np.random.SeedSequence(int(seed)).spawn(num_pairs)):
         name = f"phantom{i:0{width}d}"
-        pair = make_pair(np.random.default_rng(child))
+        pair = make_pair(np.random.default_rng(child), max_rotation_deg=max_rotation_deg)
         fname = name + ".nii.gz"
         lio.write_image(os.path.join(output_dir, "moving_images", fname),
                         sitk.Cast(pair["moving_image"], sitk.sitkInt16))
@@ -301,6 +319,34 @@ def write_phantoms(output_dir, num_pairs, seed=0):
 
 
 # ------------------------------------------------------------------------------------------------ internals
+def _check_angle(name, value):
+    value = float(value)
+    if not (np.isfinite(value) and 0.0 <= value <= 180.0):
+        raise ValueError(f"{name} must be between 0 and 180 degrees, got {value}")
+    return value
+
+
+def _trus_rotation(rng, max_rotation_deg, rotation_deg):
+    """(Q (3, 3) or None, angle in degrees) of the TRUS-side rotation (see :func:`make_pair`). Drawn from a stream
+    spawned off ``rng``'s seed sequence, so that ``rng``'s own draws (the rest of the pair) are unchanged."""
+    max_rotation_deg = _check_angle("max_rotation_deg", max_rotation_deg)
+    if rotation_deg is None and max_rotation_deg == 0.0:
+        return None, 0.0
+    seed_seq = getattr(rng.bit_generator, "seed_seq", None)
+    own = np.random.default_rng(seed_seq.spawn(1)[0]) if seed_seq is not None else rng
+    axis = own.normal(size=3)
+    axis /= np.linalg.norm(axis)
+    if rotation_deg is None:
+        angle = float(own.uniform(-max_rotation_deg, max_rotation_deg))
+    else:
+        angle = float(rotation_deg)
+        if not np.isfinite(angle):
+            raise ValueError(f"rotation_deg must be finite, got {rotation_deg}")
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    theta = np.deg2rad(angle)
+    return np.eye(3) + np.sin(theta) * k + (1 - np.cos(theta)) * (k @ k), angle
+
+
 def _uint8(channels):
     return [sitk.Cast(c, sitk.sitkUInt8) for c in channels]
 

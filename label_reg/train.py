@@ -41,6 +41,8 @@ class TrainConfig(RunConfig):
                                           "--segmenter_dir segmenter finds; the crop is centred there too).")
     segmenter_dir: str = option("", "TRUS gland segmenter model directory (label-reg train-segmenter, trained on "
                                     "the same split) for --prealign=trus_gland; copied into MODEL_DIR/segmenter.")
+    global_affine: bool = option(False, "Add a global affine stage: a 12-parameter affine predicted from the "
+                                        "coarsest features, composed with the local DDF (one total DDF).")
     train_centres: str = option("true", "With --prealign=trus_gland, the TRUS gland centres the training pairs are "
                                         "pre-aligned on: true (from the TRUS masks) or found (the segmenter's). "
                                         "Validation always uses the found ones, as register does.")
@@ -78,7 +80,8 @@ class TrainConfig(RunConfig):
 
     def build_args(self):
         return {"image_shape": tuple(int(n) for n in self.shape),
-                "moving_label_input": bool(self.moving_label_input), "base_filters": int(self.base_filters)}
+                "moving_label_input": bool(self.moving_label_input), "base_filters": int(self.base_filters),
+                "global_affine": bool(self.global_affine)}
 
 
 # ------------------------------------------------------------------------------------------------ the task

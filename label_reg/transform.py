@@ -15,6 +15,17 @@ displacement field: ``sitk.DisplacementFieldTransform`` maps a TRUS point to its
 field stays continuous. Mapping MR points (biopsy targets) into TRUS space needs the inverse, found per point by
 fixed-point iteration.
 
+**Global affine stage.** A network with ``global_affine`` predicts ``u(x) = a(x) + (I + R) l(x)`` with ``a`` an
+affine in crop voxels (:func:`label_reg.layers.compose_affine`), so the field above already holds the affine. The
+affine alone, ``x -> M x + b`` in crop indices (:func:`label_reg.network.stage_model`), maps TRUS world points to MR
+world points as
+
+    T_a(p) = W_c(M W_c^-1(p) + b) + t = A p + o,        A = M_c M M_c^-1,  o = o_c + M_c b + t - A o_c
+
+(:func:`world_affine`; ``o_c`` the crop grid's origin), which ``register`` writes as an ITK affine transform. Inside
+the crop grid ``T`` and ``T_a`` agree when the local DDF is zero; beyond it ``T`` holds the DDF's edge values
+while ``T_a`` is the affine everywhere.
+
 Memory: :class:`TotalDisplacement` computes that field on demand, slab by slab or at given points, and
 :func:`write_warped` resamples the MR through it and writes the outputs slab by slab, so a TRUS grid of any size costs
 about ``100 bytes x SLAB_VOXELS`` beyond the inputs, never a field of the whole grid (24 bytes a voxel, several
@@ -203,6 +214,42 @@ def write_warped(field, mr, mr_labels, image_path, label_path, ddf_path, slab_vo
     gland_img = sitk.GetImageFromArray(gland)
     del gland
     return geo.apply_to(gland_img)
+
+
+def world_affine(affine, crop_grid, translation_mm):
+    """The network's affine on the crop grid in world mm: (A (3, 3), o (3,)) with TRUS point p -> MR point A p + o.
+
+    affine: (3, 4) crop-grid index x -> moving index ``affine[:, :3] x + affine[:, 3]`` (voxels); crop_grid: its
+    Geometry; translation_mm: the pre-alignment ``t`` (moving crop point + t = MR point). See the module docstring.
+    """
+    affine = np.asarray(affine, np.float64)
+    if affine.shape != (3, 4):
+        raise ValueError(f"affine must be (3, 4), got {affine.shape}")
+    grid = _geometry(crop_grid)
+    to_world = grid.matrix
+    origin = np.asarray(grid.origin, np.float64)
+    matrix = to_world @ affine[:, :3] @ np.linalg.inv(to_world)
+    offset = origin + to_world @ affine[:, 3] + np.asarray(translation_mm, np.float64).reshape(3) - matrix @ origin
+    return matrix, offset
+
+
+def affine_summary(matrix, offset, center_mm):
+    """A JSON-ready description of the world affine p -> A p + o (mm): ``matrix`` (row-major 3x3),
+    ``translation_mm`` (ITK's translation about ``center_mm``: the displacement of the centre point),
+    ``center_mm``, ``rotation_deg`` (angle of the rotation of its polar decomposition A = U P), ``scales``
+    (singular values of A) and ``determinant``."""
+    matrix = np.asarray(matrix, np.float64)
+    center = np.asarray(center_mm, np.float64).reshape(3)
+    u, scales, vt = np.linalg.svd(matrix)
+    rotation = u @ vt
+    if np.linalg.det(rotation) < 0:  # a reflection: report the rotation part of -U P
+        rotation = -rotation
+    angle = float(np.degrees(np.arccos(np.clip((np.trace(rotation) - 1.0) / 2.0, -1.0, 1.0))))
+    translation = matrix @ center + np.asarray(offset, np.float64).reshape(3) - center
+    return {"matrix": [[float(v) for v in row] for row in matrix],
+            "translation_mm": [float(v) for v in translation], "center_mm": [float(v) for v in center],
+            "rotation_deg": angle, "scales": [float(v) for v in scales],
+            "determinant": float(np.linalg.det(matrix))}
 
 
 def _geometry(value):

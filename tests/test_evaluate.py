@@ -195,6 +195,9 @@ def test_method_names():
     gland = {**info(0.05, 0.45, True), "preprocess": {"prealign": "trus_gland"}}
     assert method_name(gland) == "MIX+ (found gland)"
     assert method_name({**info(0.3, 0.0, False), "preprocess": {"prealign": "trus_centre"}}) == "mDSC"
+    both = {**gland, "build": {"moving_label_input": True, "global_affine": True}, "training": {"landmark_weight": 0.3}}
+    assert method_name(both) == "MIX+ affine landmarks (found gland)"
+    assert method_name({**info(0.05, 0.45, True), "training": {"landmark_weight": 0.0}}) == "MIX+"
 
 
 def test_case_selection(phantom_dir, tmp_path):

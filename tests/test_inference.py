@@ -18,6 +18,8 @@ def _randomise(model, rng, negative_gamma=False):
             if negative_gamma:
                 gamma[::3] *= -1.0
             layer.set_weights([gamma, rng.normal(0, 0.3, n), rng.normal(0, 0.5, n), rng.uniform(0.5, 2.0, n)])
+        elif isinstance(layer, keras.layers.Dense):  # the global affine head
+            layer.set_weights([rng.normal(0, 0.1, layer.kernel.shape), rng.normal(0, 0.05, layer.bias.shape)])
         elif getattr(layer, "kernel", None) is not None:
             shape = layer.kernel.shape
             fan_in = np.prod(shape[:3]) * (shape[4] if isinstance(layer, keras.layers.Conv3DTranspose) else shape[3])
@@ -28,14 +30,16 @@ def _inputs(model, rng, batch=2):
     return {k: rng.random((batch,) + tuple(model.input[k].shape[1:]), dtype=np.float32) for k in model.input}
 
 
-@pytest.mark.parametrize("shape, three_inputs, negative_gamma", [
-    ((32, 32, 32), True, False),
-    ((32, 32, 32), False, False),
-    ((32, 32, 24), True, True),  # padded inside the model; BNs with a negative scale stay as affines
+@pytest.mark.parametrize("shape, three_inputs, negative_gamma, global_affine", [
+    ((32, 32, 32), True, False, False),
+    ((32, 32, 32), False, False, False),
+    ((32, 32, 24), True, True, False),  # padded inside the model; BNs with a negative scale stay as affines
+    ((32, 32, 24), True, False, True),  # the global affine stage: its head reads the bottom BN's carried shift
+    ((32, 32, 32), False, True, True),
 ])
-def test_folded_model_gives_the_same_ddf(shape, three_inputs, negative_gamma):
+def test_folded_model_gives_the_same_ddf(shape, three_inputs, negative_gamma, global_affine):
     rng = np.random.default_rng(1)
-    model = network.build_model(shape, moving_label_input=three_inputs)
+    model = network.build_model(shape, moving_label_input=three_inputs, global_affine=global_affine)
     _randomise(model, rng, negative_gamma)
     folded = inference.fold_batchnorm(model)
     assert sorted(folded.input) == sorted(model.input)
@@ -55,6 +59,12 @@ def test_folded_model_gives_the_same_ddf(shape, three_inputs, negative_gamma):
     forward = Predictor(folded).forward
     np.testing.assert_allclose(forward(x).numpy(), reference, rtol=0, atol=tol)
     np.testing.assert_allclose(Predictor(model).forward(x).numpy(), reference, rtol=0, atol=tol)
+    assert network.has_global_affine(folded) == global_affine
+    if global_affine:
+        stages, folded_stages = network.stage_model(model)(x, training=False), network.stage_model(folded)(x)
+        assert np.abs(stages["affine"].numpy() - np.eye(3, 4)).max() > 0.05  # a real affine
+        np.testing.assert_allclose(folded_stages["affine"].numpy(), stages["affine"].numpy(), rtol=0, atol=1e-5)
+        np.testing.assert_allclose(folded_stages["ddf_local"].numpy(), stages["ddf_local"].numpy(), rtol=0, atol=tol)
 
 
 def test_predictor_forward_takes_any_batch_with_one_trace():

@@ -155,3 +155,44 @@ def test_phantoms_cli_writes_a_discoverable_dataset(tmp_path):
     pairs = datasets.discover_pairs(out)
     assert [p.name for p in pairs] == ["phantom000"]
     assert not np.array_equal(io.to_array(io.read_image(pairs[0].fixed_image)), first)
+
+
+def test_rotated_trus_side_is_the_same_anatomy_turned_and_the_ground_truth_follows():
+    """``rotation_deg``: the MR side and the deformation are those of the unrotated pair of the same seed; the TRUS
+    side sees the anatomy rotated about the TRUS gland centre, and the ground truth still maps TRUS landmarks onto
+    MR landmarks. The field's best-fitting linear part is the rotation (25 degrees about the drawn axis)."""
+    plain = synthetic.make_pair(np.random.default_rng(4))
+    turned = synthetic.make_pair(np.random.default_rng(4), rotation_deg=25.0)
+    assert plain["rotation_deg"] == 0.0 and np.array_equal(plain["rotation"], np.eye(3))
+    assert np.array_equal(io.to_array(plain["moving_image"]), io.to_array(turned["moving_image"]))
+    assert not np.array_equal(io.to_array(plain["fixed_image"]), io.to_array(turned["fixed_image"]))
+    rotation = turned["rotation"]
+    np.testing.assert_allclose(rotation @ rotation.T, np.eye(3), atol=1e-12)
+    assert np.degrees(np.arccos((np.trace(rotation) - 1) / 2)) == pytest.approx(25.0)
+    disp = sitk.GetArrayFromImage(turned["displacement"]).transpose(2, 1, 0, 3).reshape(-1, 3)
+    geo = io.Geometry.from_image(turned["displacement"])
+    points = geo.index_to_world(np.indices(geo.size).reshape(3, -1).T)
+    fit = np.linalg.lstsq(np.c_[points, np.ones(len(points))], points + disp, rcond=None)[0][:3].T
+    u, _, vt = np.linalg.svd(fit)
+    residual = (u @ vt) @ rotation.T
+    assert np.degrees(np.arccos(np.clip((np.trace(residual) - 1) / 2, -1, 1))) < 3.0  # the bumps add a little
+    # T(g) = MR gland centre still, and every TRUS landmark maps onto its MR landmark.
+    transform = sitk.DisplacementFieldTransform(sitk.Cast(turned["displacement"], sitk.sitkVectorFloat64))
+    np.testing.assert_allclose(transform.TransformPoint(turned["fixed_gland_centre_mm"].tolist()),
+                               turned["gland_centre_mm"], atol=0.01)
+    us_lab = io.labels_to_array(turned["fixed_label"])
+    us_geo = io.Geometry.from_image(turned["fixed_image"])
+    errors = [np.linalg.norm(np.array(transform.TransformPoint(_world_centroid(us_lab[..., k], us_geo).tolist()))
+                             - turned["landmarks_mm"][k - 1]) for k in range(1, us_lab.shape[-1])]
+    assert max(errors) < 1.25, errors
+
+
+def test_write_phantoms_rotates_up_to_the_limit(tmp_path):
+    names = synthetic.write_phantoms(tmp_path, 1, seed=3, max_rotation_deg=30.0)
+    child = np.random.SeedSequence(3).spawn(1)[0]
+    expected = synthetic.make_pair(np.random.default_rng(child), max_rotation_deg=30.0)
+    assert 0.0 < abs(expected["rotation_deg"]) <= 30.0
+    disp, _ = io.read_displacement_field(tmp_path / "ground_truth" / f"{names[0]}.nii.gz")
+    np.testing.assert_array_equal(disp, sitk.GetArrayFromImage(expected["displacement"]).transpose(2, 1, 0, 3))
+    with pytest.raises(ValueError, match="max_rotation_deg"):
+        synthetic.write_phantoms(tmp_path, 1, max_rotation_deg=-5)
