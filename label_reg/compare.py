@@ -31,9 +31,9 @@ import SimpleITK as sitk
 from label_reg import io as lio
 from label_reg import metrics, report
 from label_reg.errors import InputError
-from label_reg.evaluate import (COARSE_FOUND, METRIC_COLUMNS, PREALIGNMENT_NOTE, PREALIGNMENT_ROWS,
-                                RESULT_COLUMNS, SEGMENTER_COLUMNS, SEGMENTER_NOTE, TABLE_NOTE, read_per_case,
-                                segmenter_table, summary_table)
+from label_reg.evaluate import (COARSE, COARSE_FOUND, COARSE_TRUE, FOUND_SUFFIX, METRIC_COLUMNS, PREALIGNMENT_NOTE,
+                                PREALIGNMENT_ROWS, RESULT_COLUMNS, SEGMENTER_COLUMNS, SEGMENTER_NOTE, TABLE_NOTE,
+                                TRUE_SUFFIX, read_per_case, segmenter_table, summary_table)
 
 __all__ = ["LEGACY_METHOD", "LEGACY_SUFFIX", "load_results", "legacy_outputs", "read_legacy_labels",
            "score_niftynet", "method_pairs", "compare", "Comparison"]
@@ -192,16 +192,30 @@ def score_niftynet(niftynet_dir, data_dir, cases=None, method=LEGACY_METHOD) -> 
 # ------------------------------------------------------------------------------------------- tables
 def method_pairs(per_case, min_shared=1):
     """(a, b) for every two pre-alignment rows (``Coarse (found gland)`` vs ``Coarse``, ``Coarse (true gland)`` vs
-    both), then every two other methods, that score at least ``min_shared`` common cases, ordered so that ``a`` comes
-    later in the paper's order (MIX+ vs MIX, as in the paper's test; ``MIX+ (found gland)`` vs ``MIX+``); the legacy
-    NiftyNet row is always ``b`` (ours vs legacy)."""
+    both); then each network against the pre-alignment it starts from (``MIX+ (found gland)`` vs ``Coarse (found
+    gland)``: what the network adds) and, if that is another one, against the paper's ``Coarse`` (what the whole
+    pipeline adds); then every two other methods, ordered so that ``a`` comes later in the paper's order (MIX+ vs MIX,
+    as in the paper's test; ``MIX+ (found gland)`` vs ``MIX+``); the legacy NiftyNet row is always ``b`` (ours vs
+    legacy). Only pairs scoring at least ``min_shared`` common cases."""
     present = set(per_case["method"].unique())
     coarse = [m for m in PREALIGNMENT_ROWS if m in present]
     methods = sorted((m for m in present if m not in PREALIGNMENT_ROWS),
                      key=lambda m: (m != LEGACY_METHOD, report.method_sort_key(m)))
     cases = {m: set(per_case.loc[per_case["method"] == m, "case"]) for m in coarse + methods}
-    return [(b, a) for group in (coarse, methods) for a, b in itertools.combinations(group, 2)
-            if len(cases[a] & cases[b]) >= min_shared]
+    own = [(m, c) for m in methods if m != LEGACY_METHOD
+           for c in dict.fromkeys((_starts_from(m), COARSE)) if c in present]
+    pairs = [(b, a) for a, b in itertools.combinations(coarse, 2)] + own
+    pairs += [(b, a) for a, b in itertools.combinations(methods, 2)]
+    return [(a, b) for a, b in pairs if len(cases[a] & cases[b]) >= min_shared]
+
+
+def _starts_from(method):
+    """The pre-alignment row a method's network starts from, by its name's suffix."""
+    if method.endswith(FOUND_SUFFIX):
+        return COARSE_FOUND
+    if method.endswith(TRUE_SUFFIX):
+        return COARSE_TRUE
+    return COARSE
 
 
 def _pvalue_table(pvalues):
