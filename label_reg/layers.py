@@ -435,14 +435,21 @@ def compose_affine(local, theta, spatial_shape):
             + translation[:, None, None, None, :])
 
 
-@keras.saving.register_keras_serializable(package="label_reg")
-class ComposeAffine(keras.layers.Layer):
-    """``ComposeAffine(spatial_shape)([local_ddf, theta])``: the total DDF (B, D0, D1, D2, 3), voxels, of the
-    global affine (theta (B, 12), :func:`affine_parts`) followed by the local DDF (:func:`compose_affine`)."""
+class _OnAffineGrid(keras.layers.Layer):
+    """A layer of the global affine stage, built for a static DDF grid ``spatial_shape`` (D0, D1, D2) voxels."""
 
     def __init__(self, spatial_shape, **kwargs):
         super().__init__(**kwargs)
         self.spatial_shape = tuple(int(n) for n in spatial_shape)
+
+    def get_config(self):
+        return {**super().get_config(), "spatial_shape": list(self.spatial_shape)}
+
+
+@keras.saving.register_keras_serializable(package="label_reg")
+class ComposeAffine(_OnAffineGrid):
+    """``ComposeAffine(spatial_shape)([local_ddf, theta])``: the total DDF (B, D0, D1, D2, 3), voxels, of the
+    global affine (theta (B, 12), :func:`affine_parts`) followed by the local DDF (:func:`compose_affine`)."""
 
     def call(self, inputs):
         local, theta = inputs
@@ -451,23 +458,13 @@ class ComposeAffine(keras.layers.Layer):
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[0])
 
-    def get_config(self):
-        return {**super().get_config(), "spatial_shape": list(self.spatial_shape)}
-
 
 @keras.saving.register_keras_serializable(package="label_reg")
-class AffineMatrix(keras.layers.Layer):
+class AffineMatrix(_OnAffineGrid):
     """theta (B, 12) -> the affine (B, 3, 4) in DDF-grid indices (:func:`affine_matrix`)."""
-
-    def __init__(self, spatial_shape, **kwargs):
-        super().__init__(**kwargs)
-        self.spatial_shape = tuple(int(n) for n in spatial_shape)
 
     def call(self, inputs):
         return affine_matrix(inputs, self.spatial_shape)
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], 3, 4)
-
-    def get_config(self):
-        return {**super().get_config(), "spatial_shape": list(self.spatial_shape)}
