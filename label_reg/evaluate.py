@@ -11,7 +11,7 @@ Pre-alignment rows (each pair pre-processed once per anchor, each version cached
 * ``Coarse``: the paper's, MR gland centre of mass on the TRUS volume centre (always).
 * ``Coarse (found gland)``: on the TRUS gland centre a segmenter FINDS in the TRUS image
   (:meth:`label_reg.segmenter.GlandFinder.find`, as ``register`` does; the TRUS volume centre, with a warning, when it
-  finds nothing); cached under the segmenter's weights, as :func:`label_reg.trainer.load_cases` does.
+  finds nothing); cached under the segmenter's weights, as :func:`label_reg.cases.load_cases` does.
 * ``Coarse (true gland)``: on the centre of mass of the TRUS gland mask: the ceiling of the found-gland
   pre-alignment, only possible where the TRUS mask is known.
 
@@ -232,7 +232,7 @@ class _Cases:
     under its own key: ``centre`` (the paper's TRUS volume centre; config with ``prealign`` trus_centre), ``true``
     (the TRUS mask's gland centre; trus_gland without a given centre) and, with a ``finder``, ``found`` (the centre
     the segmenter finds; trus_gland keyed also by the segmenter's weights, the key
-    :func:`label_reg.trainer.load_cases` uses, so a training run's cached validation cases are reused)."""
+    :func:`label_reg.cases.load_cases` uses, so a training run's cached validation cases are reused)."""
 
     def __init__(self, config, cache_dir, finder=None):
         from label_reg.cache import file_sha256

@@ -34,10 +34,10 @@ import tensorflow as tf
 
 from label_reg import data as data_lib
 from label_reg import datasets
-from label_reg.cache import CaseCache
+from label_reg.cases import cached_cases, found_centre, load_cases  # noqa: F401 (re-exported)
 from label_reg.errors import InputError
 from label_reg.predictor import Predictor
-from label_reg.preprocess import PreprocessConfig, preprocess_pair
+from label_reg.preprocess import PreprocessConfig
 
 _GRID = PreprocessConfig()  # the default working grid (the paper's 0.88 mm, 96x96x80) lives in PreprocessConfig
 
@@ -157,52 +157,6 @@ def load_split(config):
     if not train:
         raise InputError(config.data_dir, "no training cases in this split")
     return [by_name[n] for n in train], [by_name[n] for n in val]
-
-
-def load_cases(pairs, preprocess_config, cache_dir="", progress=True, finder=None):
-    """Pre-process each pair once (cached on disk when ``cache_dir`` is set); list of dicts of numpy arrays.
-
-    ``finder`` (a :class:`label_reg.segmenter.GlandFinder`, for ``prealign == "trus_gland"``): pre-align on the
-    TRUS gland centre it finds in each TRUS image, as ``register`` will, instead of the centre of the TRUS mask;
-    such cases are cached under the segmenter's weights. A volume in which it finds no gland falls back to the
-    TRUS volume centre (with a warning naming the file).
-    """
-    settings = preprocess_config.to_dict()
-    if finder is not None:
-        from label_reg.cache import file_sha256
-        settings["fixed_centre_from"] = file_sha256(finder.model_dir / "model.weights.h5")
-
-    def compute(pair):
-        centre = None if finder is None else found_centre(finder, pair.fixed_image)
-        return preprocess_pair(pair, preprocess_config, fixed_centre_mm=centre).to_arrays()
-
-    return cached_cases(pairs, compute, settings, cache_dir, progress, "pre-processing")
-
-
-def cached_cases(pairs, compute, settings, cache_dir="", progress=True, what="pre-processing"):
-    """``compute(pair)`` (a dict of arrays) for each pair, through a :class:`label_reg.cache.CaseCache` keyed by
-    ``settings`` when ``cache_dir`` is set; a one-line progress count on stderr (``what i/n cases``)."""
-    cache = CaseCache(cache_dir, settings) if cache_dir else None
-    cases = []
-    for i, pair in enumerate(pairs):
-        cases.append(compute(pair) if cache is None else cache.get_or_compute(pair, compute))
-        if progress and (sys.stderr.isatty() or i + 1 == len(pairs)):
-            end = "\n" if i + 1 == len(pairs) else ""
-            print(f"\r{what} {i + 1}/{len(pairs)} cases", end=end, file=sys.stderr, flush=True)
-    return cases
-
-
-def found_centre(finder, fixed_image_path):
-    """The TRUS gland centre (world mm) ``finder`` finds in a TRUS file; the volume centre, with a warning on
-    stderr, when it finds none."""
-    from label_reg import io as lio
-    image = lio.read_image(fixed_image_path)
-    estimate = finder.find(image, str(fixed_image_path))
-    if estimate.found:
-        return estimate.centre_mm
-    print(f"warning: {fixed_image_path}: the segmenter found no gland; pre-aligning on the TRUS volume centre",
-          file=sys.stderr)
-    return lio.Geometry.from_image(image).center_world
 
 
 # ------------------------------------------------------------------------------------------------ trainer

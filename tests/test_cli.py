@@ -15,7 +15,7 @@ OWN_FLAGS = {  # a few flags each subcommand defines
     "evaluate": ["--model", "--output_dir", "--cases_csv", "--figures"],
     "export": ["--model", "--output_dir", "--version"],
     "compare": ["--results", "--niftynet_dir"],
-    "phantoms": ["--num_pairs", "--output_dir", "--seed", "--overwrite"],
+    "phantoms": ["--num_pairs", "--output_dir", "--seed", "--max_rotation_deg", "--overwrite"],
 }
 
 

@@ -196,3 +196,14 @@ def test_write_phantoms_rotates_up_to_the_limit(tmp_path):
     np.testing.assert_array_equal(disp, sitk.GetArrayFromImage(expected["displacement"]).transpose(2, 1, 0, 3))
     with pytest.raises(ValueError, match="max_rotation_deg"):
         synthetic.write_phantoms(tmp_path, 1, max_rotation_deg=-5)
+
+
+def test_phantoms_cli_writes_rotated_pairs_and_refuses_a_bad_angle(tmp_path):
+    res = _cli("--num_pairs", "1", "--output_dir", str(tmp_path / "ph"), "--seed", "3", "--max_rotation_deg", "30")
+    assert res.returncode == 0 and "rotated up to 30 degrees" in res.stdout, res.stderr
+    disp, _ = io.read_displacement_field(tmp_path / "ph" / "ground_truth" / "phantom000.nii.gz")
+    expected = synthetic.make_pair(np.random.default_rng(np.random.SeedSequence(3).spawn(1)[0]), max_rotation_deg=30.0)
+    np.testing.assert_array_equal(disp, sitk.GetArrayFromImage(expected["displacement"]).transpose(2, 1, 0, 3))
+    res = _cli("--num_pairs", "1", "--output_dir", str(tmp_path / "bad"), "--max_rotation_deg", "200")
+    assert res.returncode == 2 and "--max_rotation_deg" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "bad").exists()

@@ -221,7 +221,7 @@ def run(pairs, config, methods, fold=None, progress=True, cache_dir="", network=
     :class:`NetworkMethod` (whose segmenter, if it has one, pre-aligns every pair on the found TRUS gland)."""
     from label_reg.evaluate import COARSE_FOUND
     from label_reg.preprocess import Preprocessed
-    from label_reg.trainer import load_cases
+    from label_reg.cases import load_cases
     finder = None if network is None else network.finder
     if finder is not None:
         config = network.preprocess_config

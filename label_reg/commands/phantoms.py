@@ -1,10 +1,13 @@
 """``label-reg phantoms``: write synthetic MR/TRUS phantom pairs with a known deformation.
 
-    label-reg phantoms --num_pairs 10 --output_dir data/phantoms [--seed 0] [--overwrite]
+    label-reg phantoms --num_pairs 10 --output_dir data/phantoms [--seed 0] [--max_rotation_deg 0] [--overwrite]
 
 Writes ``moving_images/``, ``moving_labels/``, ``fixed_images/``, ``fixed_labels/`` (the paired layout that
 ``label_reg.datasets.discover_pairs`` reads) and ``ground_truth/`` (ITK displacement fields on the TRUS grid, mm:
-TRUS point p corresponds to MR point p + disp(p)). See :mod:`label_reg.synthetic`.
+TRUS point p corresponds to MR point p + disp(p)). ``--max_rotation_deg N`` turns each TRUS side's view of the
+anatomy about the TRUS gland centre by a random angle in [-N, N] degrees (about a random axis), for training and
+testing the global affine stage; 0 (default) writes the unrotated pairs of earlier versions exactly. See
+:mod:`label_reg.synthetic`.
 """
 import os
 import re
@@ -20,6 +23,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_integer("num_pairs", 10, "Number of phantom pairs to write.")
 flags.DEFINE_string("output_dir", None, "Directory to write the dataset into (created if missing).")
 flags.DEFINE_integer("seed", 0, "Random seed; the same seed writes the same data.")
+flags.DEFINE_float("max_rotation_deg", 0.0, "Rotate each TRUS side by a random angle up to this many degrees "
+                   "(0-180; 0 = no rotation).")
 flags.DEFINE_boolean("overwrite", False, "Replace phantom pairs already in --output_dir.")
 
 _PHANTOM_FILE = re.compile(r"^phantom\d+\.nii(\.gz)?$")
@@ -42,6 +47,8 @@ def main(argv):
         raise InputError("--output_dir", "is required")
     if FLAGS.num_pairs < 1:
         raise InputError("--num_pairs", f"must be at least 1, got {FLAGS.num_pairs}")
+    if not 0.0 <= FLAGS.max_rotation_deg <= 180.0:
+        raise InputError("--max_rotation_deg", f"must be between 0 and 180 degrees, got {FLAGS.max_rotation_deg}")
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise InputError(output_dir, "exists and is not a directory")
 
@@ -60,8 +67,9 @@ def main(argv):
             os.remove(f)
         print(f"removed {len(existing)} old phantom file(s) from {output_dir}")
 
-    names = synthetic.write_phantoms(output_dir, FLAGS.num_pairs, FLAGS.seed)
-    print(f"wrote {len(names)} phantom pair(s) ({names[0]} .. {names[-1]}, seed {FLAGS.seed}) to "
+    names = synthetic.write_phantoms(output_dir, FLAGS.num_pairs, FLAGS.seed, FLAGS.max_rotation_deg)
+    turned = f", TRUS sides rotated up to {FLAGS.max_rotation_deg:g} degrees" if FLAGS.max_rotation_deg else ""
+    print(f"wrote {len(names)} phantom pair(s) ({names[0]} .. {names[-1]}, seed {FLAGS.seed}{turned}) to "
           f"{os.path.abspath(output_dir)}:")
     for sub in synthetic.LAYOUT_DIRS:
         print(f"  {sub}/")
