@@ -31,7 +31,7 @@ test -f $(call SEGMENTER_DIR,$(1))/model.weights.h5 || $(LABEL_REG) train-segmen
   --model_dir=$(call SEGMENTER_DIR,$(1)) --fold=$(1) $(SEGMENTER_EXTRA)
 endef
 
-.PHONY: install test demo bench evaluate export clean-runs check-data \
+.PHONY: install test demo rotation-study bench evaluate export clean-runs check-data \
         train-mdsc train-sdm train-mix train-mixplus train-mixplus_landmarks train-all-folds train-segmenter
 
 install: $(VENV)/.installed
@@ -89,3 +89,9 @@ bench: install
 DEMO_OUT ?= demo_out
 demo: install
 	$(PY) tools/demo.py --output_dir $(DEMO_OUT) --overwrite
+
+# Does a trained global affine stage register rotated pairs? Rotated phantoms -> MIX+ without and with the stage ->
+# held-out pairs turned by 25 degrees -> table (see README "Global affine stage"). [EXTRA="--num_steps=..."]
+ROTATION_OUT ?= runs/rotation_study
+rotation-study: install
+	$(PY) tools/rotation_study.py --output_dir $(ROTATION_OUT) --overwrite $(EXTRA)

@@ -285,12 +285,13 @@ def make_pair(rng, *, mr_size=_MR_SIZE, mr_spacing=_MR_SPACING, mr_direction=Non
     }
 
 
-def write_phantoms(output_dir, num_pairs, seed=0, max_rotation_deg=0.0):
+def write_phantoms(output_dir, num_pairs, seed=0, max_rotation_deg=0.0, rotation_deg=None):
     """Write ``num_pairs`` phantom pairs in the paired layout; returns the written pair names.
 
     ``output_dir/{moving_images,moving_labels,fixed_images,fixed_labels,ground_truth}/phantomNNN.nii.gz``;
     ``ground_truth`` holds the ITK displacement fields (TRUS grid, mm). Pair i depends only on (seed, i) (and
-    ``max_rotation_deg``: each TRUS side rotated by a random angle up to it, see :func:`make_pair`).
+    ``max_rotation_deg``: each TRUS side rotated by a random angle up to it; ``rotation_deg``: by exactly this angle
+    about a random axis; see :func:`make_pair`).
     """
     num_pairs = int(num_pairs)
     if num_pairs < 1:
@@ -302,7 +303,7 @@ def write_phantoms(output_dir, num_pairs, seed=0, max_rotation_deg=0.0):
     names = []
     for i, child in enumerate(np.random.SeedSequence(int(seed)).spawn(num_pairs)):
         name = f"phantom{i:0{width}d}"
-        pair = make_pair(np.random.default_rng(child), max_rotation_deg=max_rotation_deg)
+        pair = make_pair(np.random.default_rng(child), max_rotation_deg=max_rotation_deg, rotation_deg=rotation_deg)
         fname = name + ".nii.gz"
         lio.write_image(os.path.join(output_dir, "moving_images", fname),
                         sitk.Cast(pair["moving_image"], sitk.sitkInt16))

@@ -79,15 +79,112 @@ def _paper_translation(moving_label_path, fixed_image_path):
     return mr_gland - lio.Geometry.from_image(lio.read_image(fixed_image_path)).center_world
 
 
+def train_segmenter_on(data_dir, out, args):
+    """The TRUS gland segmenter of the demo (``out/segmenter``) on ``data_dir``; (summary, seconds)."""
+    from label_reg.train_segmenter import SegmenterConfig, train_segmenter
+    config = SegmenterConfig(
+        data_dir=str(data_dir), model_dir=str(out / "segmenter"), num_steps=args.segmenter_steps,
+        num_folds=5, fold=0, seed=args.seed, validate_every=max(args.segmenter_steps // 3, 1),
+        checkpoint_every=max(args.segmenter_steps // 3, 1), cache_dir=str(out / "cache"))
+    started = time.perf_counter()
+    return train_segmenter(config), time.perf_counter() - started
+
+
+def train_mixplus_on(data_dir, out, args, name="model", **extra):
+    """MIX+ at the demo's settings (``out/name``), pre-aligned on the gland ``out/segmenter`` finds; ``extra``
+    TrainConfig fields (e.g. ``global_affine=True``). (summary, seconds)."""
+    from label_reg.train import TrainConfig, train
+    config = TrainConfig(data_dir=str(data_dir), model_dir=str(out / name), alpha=0.05, beta=0.45,
+                         moving_label_input=True, learning_rate=1e-3, batch_size=5, num_steps=args.num_steps,
+                         spacing_mm=args.spacing_mm, shape=tuple(int(n) for n in args.shape.split(",")),
+                         num_folds=5, fold=0, seed=args.seed, validate_every=max(args.num_steps // 5, 1),
+                         checkpoint_every=max(args.num_steps // 5, 1), cache_dir=str(out / "cache"),
+                         prealign="trus_gland", segmenter_dir=str(out / "segmenter"), **extra)
+    started = time.perf_counter()
+    return train(config), time.perf_counter() - started
+
+
+def score_heldout(model_dir, heldout_dir, registered_dir, method, coarse_rows=True, figure_dir=None):
+    """Register every pair of ``heldout_dir`` with label-reg's Registrar (outputs in ``registered_dir/<pair>``) and
+    score it against the known deformation: one row per pair for ``method`` (DSC, landmark TRE, gland mean error,
+    seconds, folding fraction, the rotation of a global affine stage) and, with ``coarse_rows``, the two coarse
+    pre-alignments before it. ``figure_dir``: a registration figure of the first pair."""
+    from label_reg.datasets import discover_pairs
+    from label_reg.register import Registrar
+    registrar = Registrar(model_dir)
+    rows = []
+    for pair in discover_pairs(heldout_dir):
+        t = time.perf_counter()
+        result = registrar.register(pair.moving_image, pair.fixed_image, pair.moving_label,
+                                    output_dir=pathlib.Path(registered_dir) / pair.name)
+        seconds = time.perf_counter() - t
+        truth, truth_geo = lio.read_displacement_field(pathlib.Path(heldout_dir) / "ground_truth" / f"{pair.name}.nii.gz")
+        disp, disp_geo = lio.read_displacement_field(result.files["transform_ddf"])
+        fixed_channels = lio.read_label(pair.fixed_label)
+        fixed = lio.labels_to_array(fixed_channels) >= 0.5
+        warped = lio.labels_to_array(lio.read_label(result.files["warped_moving_label"])) >= 0.5
+        coarse = _coarse_labels(pair.moving_label, pair.fixed_image, result.translation_mm)
+        points = _landmark_centroids(fixed_channels)
+        gland_points = disp_geo.index_to_world(np.argwhere(fixed[..., 0]).astype(np.float64))
+        methods = [(method, warped, disp, None)]
+        if coarse_rows:
+            centre_translation = _paper_translation(pair.moving_label, pair.fixed_image)
+            paper = _coarse_labels(pair.moving_label, pair.fixed_image, centre_translation)
+            methods = [("Coarse (TRUS centre, the paper)", paper, None, centre_translation),
+                       ("Coarse (found TRUS gland)", coarse, None, result.translation_mm)] + methods
+        for name, labels, field, translation in methods:
+            kwargs = (translation,) if field is None else (field, disp_geo)
+            rows.append({
+                "case": pair.name, "method": name,
+                "dsc": metrics.dice(fixed[..., 0], labels[..., 0]),
+                "tre_mm": float(np.nanmean(_point_errors(points, truth, truth_geo, *kwargs))),
+                "gland_error_mm": float(np.mean(_point_errors(gland_points, truth, truth_geo, *kwargs))),
+                "seconds": 0.0 if field is None else seconds})
+        affine = result.report.get("global_affine") or {}
+        check = result.report.get("quality_check") or {}
+        rows[-1].update(self_check_passed=check.get("passed"),
+                        folding_pct=100.0 * result.report["ddf_mm"]["folding_fraction"],
+                        affine_rotation_deg=affine.get("rotation_deg"))
+        if figure_dir is not None:
+            from label_reg.figures import registration_figure
+            registration_figure(pathlib.Path(figure_dir) / f"{pair.name}_registration.png",
+                                lio.to_array(lio.read_image(pair.fixed_image)), fixed,
+                                [("Pre-aligned (found gland)", coarse), (method.split(" (")[0], warped)],
+                                spacing=disp_geo.spacing,
+                                title=f"{pair.name}: MR gland (cyan), TRUS gland (orange), overlap (yellow)")
+            figure_dir = None
+    return rows
+
+
+def results_table(frame):
+    """Markdown table of mean (median) ± SD per method, in the order the methods first appear."""
+    import pandas as pd
+    table = pd.DataFrame({
+        method: {"DSC %": format_stat(group["dsc"], scale=100),
+                 "landmark TRE mm": format_stat(group["tre_mm"]),
+                 "gland mean error mm": format_stat(group["gland_error_mm"]),
+                 "register s/pair": format_stat(group["seconds"], decimals=2) if group["seconds"].any() else "–"}
+        for method, group in frame.groupby("method", sort=False)}).T
+    table.index.name = "method"
+    return to_markdown(table)
+
+
+def prepare_output(out, overwrite, tool="demo"):
+    """An empty ``out`` (created); False, with a one-line message, if it holds files and ``overwrite`` is off."""
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            print(f"{tool}: {out} is not empty; pass --overwrite or choose another --output_dir", file=sys.stderr)
+            return False
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return True
+
+
 def main(argv=None):
     args = parse_args(argv)
     out = pathlib.Path(args.output_dir)
-    if out.exists() and any(out.iterdir()):
-        if not args.overwrite:
-            print(f"demo: {out} is not empty; pass --overwrite or choose another --output_dir", file=sys.stderr)
-            return 2
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if not prepare_output(out, args.overwrite):
+        return 2
     started = time.perf_counter()
 
     from label_reg.synthetic import write_phantoms
@@ -95,81 +192,20 @@ def main(argv=None):
     write_phantoms(out / "phantoms", args.num_pairs, seed=args.seed)
     write_phantoms(out / "heldout", args.num_heldout, seed=args.seed + 1000)
 
-    from label_reg.train_segmenter import SegmenterConfig, train_segmenter
     print(f"[2/4] training the TRUS gland segmenter for {args.segmenter_steps} steps, then MIX+ for "
           f"{args.num_steps} steps at {args.spacing_mm} mm pre-aligned on the gland it finds", flush=True)
-    segmenter_config = SegmenterConfig(
-        data_dir=str(out / "phantoms"), model_dir=str(out / "segmenter"), num_steps=args.segmenter_steps,
-        num_folds=5, fold=0, seed=args.seed, validate_every=max(args.segmenter_steps // 3, 1),
-        checkpoint_every=max(args.segmenter_steps // 3, 1), cache_dir=str(out / "cache"))
-    train_started = time.perf_counter()
-    segmenter_summary = train_segmenter(segmenter_config)
-    segmenter_seconds = time.perf_counter() - train_started
+    segmenter_summary, segmenter_seconds = train_segmenter_on(out / "phantoms", out, args)
+    summary, train_seconds = train_mixplus_on(out / "phantoms", out, args)
 
-    from label_reg.train import TrainConfig, train
-    config = TrainConfig(data_dir=str(out / "phantoms"), model_dir=str(out / "model"), alpha=0.05, beta=0.45,
-                         moving_label_input=True, learning_rate=1e-3, batch_size=5, num_steps=args.num_steps,
-                         spacing_mm=args.spacing_mm, shape=tuple(int(n) for n in args.shape.split(",")),
-                         num_folds=5, fold=0, seed=args.seed, validate_every=max(args.num_steps // 5, 1),
-                         checkpoint_every=max(args.num_steps // 5, 1), cache_dir=str(out / "cache"),
-                         prealign="trus_gland", segmenter_dir=str(out / "segmenter"))
-    train_started = time.perf_counter()
-    summary = train(config)
-    train_seconds = time.perf_counter() - train_started
-
-    from label_reg.datasets import discover_pairs
-    from label_reg.register import Registrar
     print(f"[3/4] registering the {args.num_heldout} held-out pairs with label-reg's Registrar", flush=True)
-    registrar = Registrar(out / "model")
-    rows, figure_done = [], False
-    for pair in discover_pairs(out / "heldout"):
-        t = time.perf_counter()
-        result = registrar.register(pair.moving_image, pair.fixed_image, pair.moving_label,
-                                    output_dir=out / "registered" / pair.name)
-        seconds = time.perf_counter() - t
-        truth, truth_geo = lio.read_displacement_field(out / "heldout" / "ground_truth" / f"{pair.name}.nii.gz")
-        disp, disp_geo = lio.read_displacement_field(result.files["transform_ddf"])
-        fixed_channels = lio.read_label(pair.fixed_label)
-        fixed = lio.labels_to_array(fixed_channels) >= 0.5
-        warped = lio.labels_to_array(lio.read_label(result.files["warped_moving_label"])) >= 0.5
-        centre_translation = _paper_translation(pair.moving_label, pair.fixed_image)
-        paper = _coarse_labels(pair.moving_label, pair.fixed_image, centre_translation)
-        coarse = _coarse_labels(pair.moving_label, pair.fixed_image, result.translation_mm)
-        points = _landmark_centroids(fixed_channels)
-        gland_points = disp_geo.index_to_world(np.argwhere(fixed[..., 0]).astype(np.float64))
-        for method, labels, field, translation in (
-                ("Coarse (TRUS centre, the paper)", paper, None, centre_translation),
-                ("Coarse (found TRUS gland)", coarse, None, result.translation_mm),
-                ("MIX+ (found TRUS gland)", warped, disp, None)):
-            kwargs = (translation,) if field is None else (field, disp_geo)
-            rows.append({
-                "case": pair.name, "method": method,
-                "dsc": metrics.dice(fixed[..., 0], labels[..., 0]),
-                "tre_mm": float(np.nanmean(_point_errors(points, truth, truth_geo, *kwargs))),
-                "gland_error_mm": float(np.mean(_point_errors(gland_points, truth, truth_geo, *kwargs))),
-                "seconds": 0.0 if field is None else seconds})
-        check = result.report.get("quality_check") or {}
-        rows[-1]["self_check_passed"] = check.get("passed")
-        if not figure_done:
-            from label_reg.figures import registration_figure
-            registration_figure(out / "figures" / f"{pair.name}_registration.png",
-                                lio.to_array(lio.read_image(pair.fixed_image)), fixed,
-                                [("Pre-aligned (found gland)", coarse), ("MIX+", warped)], spacing=disp_geo.spacing,
-                                title=f"{pair.name}: MR gland (cyan), TRUS gland (orange), overlap (yellow)")
-            figure_done = True
+    rows = score_heldout(out / "model", out / "heldout", out / "registered", "MIX+ (found TRUS gland)",
+                         figure_dir=out / "figures")
 
     print("[4/4] results on the held-out phantoms (TRE against the known deformation)", flush=True)
     import pandas as pd
     frame = pd.DataFrame(rows)
     frame.to_csv(out / "demo_results.csv", index=False)
-    table = pd.DataFrame({
-        method: {"DSC %": format_stat(group["dsc"], scale=100),
-                 "landmark TRE mm": format_stat(group["tre_mm"]),
-                 "gland mean error mm": format_stat(group["gland_error_mm"]),
-                 "register s/pair": format_stat(group["seconds"], decimals=2) if method.startswith("MIX") else "–"}
-        for method, group in frame.groupby("method", sort=False)}).T
-    table.index.name = "method"
-    text = to_markdown(table)
+    text = results_table(frame)
     (out / "demo_results.md").write_text(text + "\n")
     print(text)
     seg = segmenter_summary["last_validation"] or {}
