@@ -101,3 +101,13 @@ def test_a_found_gland_model_puts_every_row_on_the_found_gland(gland_model, phan
         got = rows[rows["method"] == ours].set_index("case")["dsc"]
         want = reference[reference["method"] == theirs].set_index("case")["dsc"]
         np.testing.assert_allclose(got.loc[want.index], want, atol=1e-6)
+
+
+def test_the_baselines_tool_and_case_loading_start_without_tensorflow():
+    """Only a --model run needs TensorFlow; the iterative baselines and the cached pre-processing do not load it."""
+    code = (f"import runpy, sys\nimport label_reg.cases\nsys.argv = ['baselines.py', '--help']\n"
+            f"try:\n    runpy.run_path({str(TOOL)!r}, run_name='__main__')\nexcept SystemExit:\n    pass\n"
+            "print('tensorflow' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().splitlines()[-1] == "False", res.stdout
