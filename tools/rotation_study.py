@@ -20,7 +20,6 @@ import pathlib
 import sys
 import time
 
-import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import demo  # noqa: E402  (tools/demo.py: the demo's trainings and held-out scoring)
@@ -58,18 +57,6 @@ def parse_args(argv=None):
     return args
 
 
-def wilcoxon_rows(frame, pairs):
-    """Paired Wilcoxon signed-rank tests on the per-case landmark TRE, one dict per (a, b) in ``pairs``."""
-    from scipy import stats
-    tre = frame.pivot(index="case", columns="method", values="tre_mm")
-    rows = []
-    for a, b in pairs:
-        diff = (tre[a] - tre[b]).dropna()
-        p = float(stats.wilcoxon(diff).pvalue) if len(diff) and np.any(diff != 0) else float("nan")
-        rows.append({"a": a, "b": b, "n": len(diff), "median_diff_mm": float(diff.median()), "p": p})
-    return rows
-
-
 def main(argv=None):
     args = parse_args(argv)
     out = pathlib.Path(args.output_dir)
@@ -104,12 +91,15 @@ def main(argv=None):
     text = demo.results_table(frame)
     found = frame.loc[frame["method"] == AFFINE, "affine_rotation_deg"].astype(float)
     folding = frame.groupby("method", sort=False)["folding_pct"].max().dropna()
-    tests = wilcoxon_rows(frame, [(AFFINE, COARSE_FOUND), (AFFINE, PLAIN), (PLAIN, COARSE_FOUND)])
+    from label_reg.report import wilcoxon_pvalues
+    tests = wilcoxon_pvalues(frame, pairs=[(AFFINE, COARSE_FOUND), (AFFINE, PLAIN), (PLAIN, COARSE_FOUND)],
+                             metrics=("tre_mm",)).to_dict("records")
     lines = [text, "",
              f"rotation found by the affine stage: median {found.median():.1f} degrees (range {found.min():.1f}-"
              f"{found.max():.1f}); the pairs are turned by {args.test_rotation_deg:g}",
              "largest folding fraction: " + ", ".join(f"{m} {v:.3f} %" for m, v in folding.items())]
-    lines += [f"Wilcoxon TRE {t['a']} - {t['b']}: median {t['median_diff_mm']:+.2f} mm, p = {t['p']:.3g} "
+    lines += [f"Wilcoxon TRE {t['method_a']} - {t['method_b']}: median {t['median_diff']:+.2f} mm, "
+              f"p = {t['p_value']:.3g} "
               f"(n = {t['n']})" for t in tests]
     (out / "rotation_results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
