@@ -289,17 +289,22 @@ class FoldedBlocks(network.Blocks):
         return self._place(FusedConv3D(conv.filters, conv.kernel_size[0], name=name),
                            _conv_weights(conv))(self._settle(x))
 
-    def affine_head(self, x, name):
-        """The global affine head, its Dense weights copied. A pending shift ``c`` of the features passes the
-        average pooling (``mean(x + c) = mean(x) + c``) and is folded into the Dense bias: ``b' = b + c W``."""
+    def affine_head(self, x, name, pooling="average"):
+        """The global affine head, its Dense weights copied. A pending per-channel shift ``c`` of the features passes
+        the reduction and is folded into the Dense bias: average pooling gives ``mean(x + c) = mean(x) + c``, so
+        ``b' = b + c W``; flattening (channels last) gives ``flat(x) + tile(c, voxels)``, so ``b' = b + tile(c) W``."""
         dense = self.layer(name)
         kernel = np.asarray(dense.kernel.numpy(), np.float64)
         bias = np.asarray(dense.bias.numpy(), np.float64)
         entry = self._pending.get(id(x))
         if entry is not None:
-            bias = bias + entry[1] @ kernel
-        pooled = keras.layers.GlobalAveragePooling3D(name=f"{name}_pool")(x)
-        return self._place(keras.layers.Dense(dense.units, name=name), [kernel, bias])(pooled)
+            shift = np.asarray(entry[1], np.float64)
+            bias = bias + np.tile(shift, kernel.shape[0] // len(shift)) @ kernel
+        if pooling == "flatten":
+            reduced = keras.layers.Flatten(name=f"{name}_flatten")(x)
+        else:
+            reduced = keras.layers.GlobalAveragePooling3D(name=f"{name}_pool")(x)
+        return self._place(keras.layers.Dense(dense.units, name=name), [kernel, bias])(reduced)
 
 
 def fold_batchnorm(model):
@@ -315,7 +320,8 @@ def fold_batchnorm(model):
     names = list(model.input)
     image_shape = tuple(int(n) for n in model.input[names[0]].shape[1:4])
     folded = network.build_model(image_shape, "moving_label" in names, base_filters, name=f"{model.name}_folded",
-                                 blocks=blocks, global_affine=network.has_global_affine(model))
+                                 blocks=blocks, global_affine=network.has_global_affine(model),
+                                 affine_pooling=network.affine_pooling_of(model) or "average")
     for layer, arrays in blocks.weights:
         layer.set_weights(arrays)
     bns = sorted(l.name for l in model.layers if isinstance(l, keras.layers.BatchNormalization))

@@ -58,18 +58,27 @@ class NetworkKind:
 def _build_registration(**build):
     from label_reg.network import build_model
     return build_model(tuple(build["image_shape"]), build["moving_label_input"], build["base_filters"],
-                       global_affine=build.get("global_affine", False))
+                       global_affine=build.get("global_affine", False),
+                       affine_pooling=build.get("affine_pooling", "average"))
 
 
 def _check_registration(build):
     """The registration ``build`` section as written; ``global_affine`` (the global affine stage) is False when
-    absent (model directories written before it existed)."""
+    absent (model directories written before it existed); ``affine_pooling`` (how the stage's head reduces the
+    features) is written with the stage only, "average" when absent (directories written before the choice)."""
+    from label_reg.network import AFFINE_POOLING
     shape = [int(n) for n in build["image_shape"]]
     global_affine = build.get("global_affine", False)
     if len(shape) != 3 or not isinstance(build["moving_label_input"], bool) or not isinstance(global_affine, bool):
         raise ValueError("image_shape must be 3 sizes and moving_label_input and global_affine booleans")
-    return {"image_shape": shape, "moving_label_input": build["moving_label_input"],
-            "base_filters": int(build["base_filters"]), "global_affine": global_affine}
+    checked = {"image_shape": shape, "moving_label_input": build["moving_label_input"],
+               "base_filters": int(build["base_filters"]), "global_affine": global_affine}
+    if global_affine:
+        pooling = build.get("affine_pooling", "average")
+        if pooling not in AFFINE_POOLING:
+            raise ValueError(f"affine_pooling must be one of {', '.join(AFFINE_POOLING)}, got {pooling!r}")
+        checked["affine_pooling"] = pooling
+    return checked
 
 
 def _fold_registration(model):
@@ -168,8 +177,10 @@ def read_info(model_dir):
     _check_build_types(info.get("build"), path)
     try:
         kind.check_build(info.get("build"))
-    except (TypeError, KeyError, ValueError):
-        raise InputError(path, "malformed 'build' section") from None
+    except KeyError as err:
+        raise InputError(path, f"malformed 'build' section (no {err})") from None
+    except (TypeError, ValueError) as err:
+        raise InputError(path, f"malformed 'build' section ({err})") from None
     try:
         config = PreprocessConfig.from_dict(info.get("preprocess"), source=f"{path} ('preprocess' section)")
     except InputError:
@@ -218,7 +229,8 @@ def check_weights(weights, model, build, network=REGISTRATION):
         inputs = 3 if build["moving_label_input"] else 2
         said = (f"{INFO_FILE} describes a network with base_filters {build['base_filters']} and {inputs} inputs "
                 f"({'MIX+' if inputs == 3 else 'two-input'})"
-                + (", with the global affine stage" if build.get("global_affine", False) else ""))
+                + (f", with the global affine stage ({build.get('affine_pooling', 'average')} head)"
+                   if build.get("global_affine", False) else ""))
         first_kernel = found.get("layers/conv3d/vars/0")  # Keras' name for the first Conv3D's kernel
         if (first_kernel is not None and len(first_kernel) == 5
                 and first_kernel[3:] != (inputs, build["base_filters"])):

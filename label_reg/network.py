@@ -16,8 +16,11 @@ Architecture (the paper, section 2.3; SPEC section 2):
 * Output: the DDF (B, D0, D1, D2, 3) in voxels, used as ``moving(x + ddf(x))`` (see :class:`label_reg.layers.Warp`).
 
 **Global affine stage** (``global_affine=True``, ``label-reg train --global_affine``): the bottom (1/16) features
-also feed an affine head, global average pooling -> ``Dense(12)`` (``affine_head``, zero kernel and zero bias), whose
-12 parameters are the affine's residual from the identity in voxel coordinates about the volume centre
+also feed an affine head, ``Dense(12)`` (``affine_head``, zero kernel and zero bias) over the features reduced by
+``affine_pooling``: ``"average"`` (global average pooling, layer ``affine_head_pool``: one mean per channel, blind to
+where in the volume a feature is) or ``"flatten"`` (layer ``affine_head_flatten``: every bottom voxel's features, as
+label-reg's and DeepReg's affine heads do, so the head sees where things are; 27x more inputs at the CPU preset),
+whose 12 parameters are the affine's residual from the identity in voxel coordinates about the volume centre
 (:func:`label_reg.layers.affine_parts`: a 3x3 linear residual ``R`` and a translation in units of half the volume
 extent). The U-Net's DDF becomes the *local* DDF ``l`` (layer ``ddf_local``) and the output is still one total DDF,
 the affine applied to the moving image first and ``l`` refining on the affine-aligned image
@@ -50,6 +53,9 @@ INPUT_NAMES = ("moving_image", "fixed_image", "moving_label")
 BASE_FILTERS = 4  # the paper's filters at full resolution (4, doubled per level to 64)
 NEGATIVE_SLOPE = 0.1  # LeakyReLU
 AFFINE_HEAD = "affine_head"  # the Dense layer of the global affine stage: its output is the 12 parameters
+# How the affine head reduces the bottom features (build_model's affine_pooling). Model directories written before
+# the choice existed have "average".
+AFFINE_POOLING = ("average", "flatten")
 LOCAL_DDF = "ddf_local"  # the U-Net's own (local) DDF in a global-affine network
 
 
@@ -99,23 +105,28 @@ class Blocks:
         return keras.layers.Conv3D(3, 3, padding="same", kernel_initializer="zeros", bias_initializer="zeros",
                                    name=name)(x)
 
-    def affine_head(self, x, name):
-        """Global affine parameters (B, 12) from features (B, D0, D1, D2, C): global average pooling
-        (``{name}_pool``) -> Dense(12) (``{name}``), zero kernel and zero bias (the identity affine)."""
-        x = keras.layers.GlobalAveragePooling3D(name=f"{name}_pool")(x)
+    def affine_head(self, x, name, pooling="average"):
+        """Global affine parameters (B, 12) from features (B, D0, D1, D2, C): ``pooling`` "average" (global average
+        pooling, ``{name}_pool``) or "flatten" (``{name}_flatten``, D0*D1*D2*C values in channels-last order), then
+        Dense(12) (``{name}``), zero kernel and zero bias (the identity affine)."""
+        if pooling == "flatten":
+            x = keras.layers.Flatten(name=f"{name}_flatten")(x)
+        else:
+            x = keras.layers.GlobalAveragePooling3D(name=f"{name}_pool")(x)
         return keras.layers.Dense(AFFINE_PARAMETERS, kernel_initializer="zeros", bias_initializer="zeros",
                                   name=name)(x)
 
 
 def build_model(image_shape=None, moving_label_input=True, base_filters=BASE_FILTERS, name=None, blocks=None,
-                global_affine=False):
+                global_affine=False, affine_pooling="average"):
     """Build the registration U-Net (see the module docstring). Returns an uncompiled ``keras.Model``.
 
     image_shape: spatial shape (D0, D1, D2) in voxels, each at least 16 (default: the pre-processing crop,
     :class:`label_reg.preprocess.PreprocessConfig`). moving_label_input: add the MR gland mask as a third input
     (MIX+). base_filters: filters at full resolution (the paper: 4). blocks: the :class:`Blocks` that make the
     layers (default: trainable Keras layers). global_affine: add the global affine stage (module docstring); the
-    output stays one total DDF.
+    output stays one total DDF. affine_pooling: how its head reduces the bottom features, one of
+    :data:`AFFINE_POOLING` (ignored without the stage).
     """
     if image_shape is None:
         from label_reg.preprocess import PreprocessConfig
@@ -127,6 +138,8 @@ def build_model(image_shape=None, moving_label_input=True, base_filters=BASE_FIL
         raise ValueError(f"base_filters must be >= 1, got {base_filters}")
     if not isinstance(global_affine, bool):
         raise ValueError(f"global_affine must be True or False, got {global_affine!r}")
+    if affine_pooling not in AFFINE_POOLING:
+        raise ValueError(f"affine_pooling must be one of {', '.join(AFFINE_POOLING)}, got {affine_pooling!r}")
     blocks = Blocks() if blocks is None else blocks
     names = INPUT_NAMES if moving_label_input else INPUT_NAMES[:2]
     inputs = {n: keras.Input(shape=image_shape + (1,), name=n) for n in names}
@@ -146,7 +159,7 @@ def build_model(image_shape=None, moving_label_input=True, base_filters=BASE_FIL
     x = blocks.conv_block(x, filters[-1], "bottom")
 
     ddf = blocks.ddf_head(x, f"ddf_level{LEVELS - 1}")
-    theta = blocks.affine_head(x, AFFINE_HEAD) if global_affine else None
+    theta = blocks.affine_head(x, AFFINE_HEAD, affine_pooling) if global_affine else None
     for level in reversed(range(LEVELS - 1)):
         shape = tuple(n // 2 ** level for n in padded)
         x = blocks.up_block(x, filters[level], f"up{level}")
@@ -168,6 +181,14 @@ def build_model(image_shape=None, moving_label_input=True, base_filters=BASE_FIL
 def has_global_affine(model):
     """Whether a :func:`build_model` network (or its folded copy) has the global affine stage."""
     return any(layer.name == AFFINE_HEAD for layer in model.layers)
+
+
+def affine_pooling_of(model):
+    """The ``affine_pooling`` a global-affine :func:`build_model` network (or its folded copy) was built with; None
+    without the stage."""
+    if not has_global_affine(model):
+        return None
+    return "flatten" if any(layer.name == f"{AFFINE_HEAD}_flatten" for layer in model.layers) else "average"
 
 
 def stage_model(model):

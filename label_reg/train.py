@@ -43,6 +43,9 @@ class TrainConfig(RunConfig):
                                     "the same split) for --prealign=trus_gland; copied into MODEL_DIR/segmenter.")
     global_affine: bool = option(False, "Add a global affine stage: a 12-parameter affine predicted from the "
                                         "coarsest features, composed with the local DDF (one total DDF).")
+    affine_pooling: str = option("average", "With --global_affine, how the affine head reduces the coarsest "
+                                            "features: average (global average pooling, one value per channel) or "
+                                            "flatten (every coarsest voxel's features: the head sees positions).")
     train_centres: str = option("true", "With --prealign=trus_gland, the TRUS gland centres the training pairs are "
                                         "pre-aligned on: true (from the TRUS masks) or found (the segmenter's). "
                                         "Validation always uses the found ones, as register does.")
@@ -57,12 +60,16 @@ class TrainConfig(RunConfig):
     def __post_init__(self):
         from label_reg.errors import InputError
         from label_reg.losses import LANDMARK_TERMS
+        from label_reg.network import AFFINE_POOLING
         from label_reg.preprocess import PREALIGN_MODES
         if not float(self.landmark_weight) >= 0:
             raise InputError("--landmark_weight", f"must be >= 0, got {self.landmark_weight!r}")
         if self.landmark_terms not in LANDMARK_TERMS:
             raise InputError("--landmark_terms", f"must be one of {', '.join(LANDMARK_TERMS)}, "
                                                  f"got {self.landmark_terms!r}")
+        if self.affine_pooling not in AFFINE_POOLING:
+            raise InputError("--affine_pooling", f"must be one of {', '.join(AFFINE_POOLING)}, "
+                                                 f"got {self.affine_pooling!r}")
         if self.select_by not in SELECT_BY:
             raise InputError("--select_by", f"must be one of {', '.join(SELECT_BY)}, got {self.select_by!r}")
         if self.prealign not in PREALIGN_MODES:
@@ -81,7 +88,8 @@ class TrainConfig(RunConfig):
     def build_args(self):
         return {"image_shape": tuple(int(n) for n in self.shape),
                 "moving_label_input": bool(self.moving_label_input), "base_filters": int(self.base_filters),
-                "global_affine": bool(self.global_affine)}
+                "global_affine": bool(self.global_affine),
+                **({"affine_pooling": self.affine_pooling} if self.global_affine else {})}
 
 
 # ------------------------------------------------------------------------------------------------ the task

@@ -3,6 +3,7 @@ energy, model directories, the ITK affine file ``register`` writes, and a 25-deg
 import dataclasses
 import json
 
+import keras
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -141,6 +142,26 @@ def test_untrained_global_affine_model_is_the_identity(affine_net):
     assert affine_net.count_params() - plain.count_params() == 32 * 12 + 12
 
 
+def test_a_flattened_affine_head_reads_every_bottom_voxel_and_starts_at_the_identity():
+    rng = np.random.default_rng(5)
+    model = network.build_model((48, 32, 24), moving_label_input=True, base_filters=2, global_affine=True,
+                                affine_pooling="flatten")
+    assert network.affine_pooling_of(model) == "flatten"
+    head = model.get_layer(network.AFFINE_HEAD)
+    assert head.kernel.shape == (3 * 2 * 2 * 32, 12)  # padded to 48x32x32: a 3x2x2 bottom of 32 channels
+    x = _inputs(model, rng)
+    assert np.all(model(x, training=False).numpy() == 0.0)
+    # Where a feature is now matters: the same bottom features moved to another voxel give another affine.
+    kernel = np.zeros(head.kernel.shape, np.float32)
+    kernel[:32, 0] = 1.0  # parameter 0 reads only the first bottom voxel's channels
+    head.set_weights([kernel, np.zeros(12, np.float32)])
+    bottom = keras.Model(model.input, [model.get_layer("bottom_bn").output, head.output])
+    features, theta = (t.numpy() for t in bottom(x, training=False))
+    np.testing.assert_allclose(theta[:, 0], features[:, 0, 0, 0, :].sum(axis=1), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="affine_pooling must be one of average, flatten"):
+        network.build_model((32, 32, 32), global_affine=True, affine_pooling="max")
+
+
 def test_the_model_output_is_the_affine_composed_with_the_local_ddf(affine_net):
     rng = np.random.default_rng(4)
     model = network.build_model((32, 32, 24), moving_label_input=False, base_filters=2, global_affine=True)
@@ -192,6 +213,34 @@ def test_model_directories_record_the_stage_and_old_ones_load_without_it(tmp_pat
     old["build"]["global_affine"] = True
     (tmp_path / "old" / model_dir.INFO_FILE).write_text(json.dumps(old))
     with pytest.raises(InputError, match="with the global affine stage") as err:
+        model_dir.load(tmp_path / "old")
+    assert "\n" not in str(err.value)
+
+
+def test_model_directories_record_the_affine_pooling_and_old_ones_read_as_average(tmp_path):
+    shape = (32, 16, 16)  # a 2x1x1 bottom: the flattened head has twice the average-pooled one's inputs
+    config = PreprocessConfig(spacing_mm=4.0, shape=shape)
+    build = {"image_shape": shape, "moving_label_input": False, "base_filters": 2, "global_affine": True}
+    flat = network.build_model(shape, False, 2, global_affine=True, affine_pooling="flatten")
+    model_dir.save(tmp_path / "flat", flat, {**build, "affine_pooling": "flatten"}, config)
+    assert model_dir.read_info(tmp_path / "flat")[0]["build"]["affine_pooling"] == "flatten"
+    for inference in (False, True):
+        loaded, _, _ = model_dir.load(tmp_path / "flat", inference=inference)
+        assert network.affine_pooling_of(loaded) == "flatten"
+    # Written before the choice existed: no key, an average-pooled head.
+    model_dir.save(tmp_path / "old", network.build_model(shape, False, 2, global_affine=True), build, config)
+    info = json.loads((tmp_path / "old" / model_dir.INFO_FILE).read_text())
+    assert info["build"].pop("affine_pooling") == "average"
+    (tmp_path / "old" / model_dir.INFO_FILE).write_text(json.dumps(info))
+    assert network.affine_pooling_of(model_dir.load(tmp_path / "old")[0]) == "average"
+    # A wrong value, and a head that does not match the weights: one clear line each.
+    info["build"]["affine_pooling"] = "max"
+    (tmp_path / "old" / model_dir.INFO_FILE).write_text(json.dumps(info))
+    with pytest.raises(InputError, match="affine_pooling must be one of average, flatten, got 'max'"):
+        model_dir.read_info(tmp_path / "old")
+    info["build"]["affine_pooling"] = "flatten"
+    (tmp_path / "old" / model_dir.INFO_FILE).write_text(json.dumps(info))
+    with pytest.raises(InputError, match=r"global affine stage \(flatten head\)") as err:
         model_dir.load(tmp_path / "old")
     assert "\n" not in str(err.value)
 
@@ -402,11 +451,15 @@ def test_training_with_the_stage_saves_it_and_register_writes_the_affine(tiny_tr
     from label_reg.train import train
 
     config = dataclasses.replace(tiny_train_config, model_dir=str(tmp_path / "model"), global_affine=True,
-                                 num_steps=6, validate_every=6, checkpoint_every=6, learning_rate=3e-3)
+                                 affine_pooling="flatten", num_steps=6, validate_every=6, checkpoint_every=6,
+                                 learning_rate=3e-3)
     summary = train(config)
     assert summary["steps"] == 6 and np.isfinite(summary["loss_history"]).all()
     info, _ = model_dir.read_info(config.model_dir)
     assert info["build"]["global_affine"] is True and info["training"]["global_affine"] is True
+    assert info["build"]["affine_pooling"] == "flatten" and info["training"]["affine_pooling"] == "flatten"
+    with pytest.raises(InputError, match="--affine_pooling: must be one of average, flatten"):
+        dataclasses.replace(config, affine_pooling="max")
     name = "phantom012"
     files = {k: phantom_dir / f"{k}s" / f"{name}.nii.gz" for k in ("moving_image", "fixed_image", "moving_label")}
     registrar = Registrar(config.model_dir)

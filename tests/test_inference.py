@@ -34,12 +34,14 @@ def _inputs(model, rng, batch=2):
     ((32, 32, 32), True, False, False),
     ((32, 32, 32), False, False, False),
     ((32, 32, 24), True, True, False),  # padded inside the model; BNs with a negative scale stay as affines
-    ((32, 32, 24), True, False, True),  # the global affine stage: its head reads the bottom BN's carried shift
-    ((32, 32, 32), False, True, True),
+    ((32, 32, 24), True, False, "average"),  # the global affine stage: its head reads the bottom BN's carried shift
+    ((32, 32, 32), False, True, "average"),
+    ((48, 32, 32), True, False, "flatten"),  # flattened head: the shift is tiled over the 3x2x2 bottom voxels
 ])
 def test_folded_model_gives_the_same_ddf(shape, three_inputs, negative_gamma, global_affine):
     rng = np.random.default_rng(1)
-    model = network.build_model(shape, moving_label_input=three_inputs, global_affine=global_affine)
+    model = network.build_model(shape, moving_label_input=three_inputs, global_affine=bool(global_affine),
+                                affine_pooling=global_affine or "average")
     _randomise(model, rng, negative_gamma)
     folded = inference.fold_batchnorm(model)
     assert sorted(folded.input) == sorted(model.input)
@@ -59,11 +61,13 @@ def test_folded_model_gives_the_same_ddf(shape, three_inputs, negative_gamma, gl
     forward = Predictor(folded).forward
     np.testing.assert_allclose(forward(x).numpy(), reference, rtol=0, atol=tol)
     np.testing.assert_allclose(Predictor(model).forward(x).numpy(), reference, rtol=0, atol=tol)
-    assert network.has_global_affine(folded) == global_affine
+    assert network.has_global_affine(folded) == bool(global_affine)
+    assert network.affine_pooling_of(folded) == network.affine_pooling_of(model) == (global_affine or None)
     if global_affine:
         stages, folded_stages = network.stage_model(model)(x, training=False), network.stage_model(folded)(x)
         assert np.abs(stages["affine"].numpy() - np.eye(3, 4)).max() > 0.05  # a real affine
-        np.testing.assert_allclose(folded_stages["affine"].numpy(), stages["affine"].numpy(), rtol=0, atol=1e-5)
+        affine_tol = 1e-5 * max(1.0, float(np.abs(stages["affine"].numpy()).max()))
+        np.testing.assert_allclose(folded_stages["affine"].numpy(), stages["affine"].numpy(), rtol=0, atol=affine_tol)
         np.testing.assert_allclose(folded_stages["ddf_local"].numpy(), stages["ddf_local"].numpy(), rtol=0, atol=tol)
 
 

@@ -9,7 +9,7 @@ Prints a table, the rotation the affine stage found, and paired Wilcoxon tests o
 
     python tools/rotation_study.py --output_dir runs/rotation_study [--num_pairs 40] [--num_heldout 8]
         [--max_rotation_deg 30] [--test_rotation_deg 25] [--num_steps 1500] [--segmenter_steps 300]
-        [--landmark_weight 0]
+        [--landmark_weight 0] [--affine_pooling flatten]
 
 Everything lands in ``--output_dir`` (phantoms, segmenter, ``model`` and ``model_affine``, registrations,
 ``rotation_results.csv`` / ``.md``, ``rotation_summary.json``).
@@ -41,6 +41,9 @@ def parse_args(argv=None):
     parser.add_argument("--segmenter_steps", type=int, default=300, help="segmenter training iterations")
     parser.add_argument("--landmark_weight", type=float, default=0.0,
                         help="landmark supervision weight for both models (0: gland masks only)")
+    parser.add_argument("--affine_pooling", choices=("average", "flatten"), default="flatten",
+                        help="how the affine model's head reduces the coarsest features (label-reg train "
+                             "--affine_pooling)")
     parser.add_argument("--spacing_mm", type=float, default=1.76, help="working resolution (the CPU preset)")
     parser.add_argument("--shape", default="48,48,40", help="crop shape x,y,z (the CPU preset)")
     parser.add_argument("--seed", type=int, default=0)
@@ -77,7 +80,8 @@ def main(argv=None):
     summaries = {}
     for name, affine in (("model", False), ("model_affine", True)):
         summaries[name], seconds[name] = demo.train_mixplus_on(out / "phantoms", out, args, name, global_affine=affine,
-                                                               landmark_weight=args.landmark_weight)
+                                                               landmark_weight=args.landmark_weight,
+                                                               affine_pooling=args.affine_pooling)
 
     print(f"[3/4] registering the {args.num_heldout} held-out pairs with each model", flush=True)
     rows = demo.score_heldout(out / "model", out / "heldout", out / "registered", PLAIN)
