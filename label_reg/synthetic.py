@@ -296,7 +296,7 @@ def write_phantoms(output_dir, num_pairs, seed=0, max_rotation_deg=0.0, rotation
     num_pairs = int(num_pairs)
     if num_pairs < 1:
         raise ValueError(f"num_pairs must be >= 1, got {num_pairs}")
-    _check_angle("max_rotation_deg", max_rotation_deg)
+    check_angle("max_rotation_deg", max_rotation_deg)
     for sub in LAYOUT_DIRS + (GROUND_TRUTH_DIR,):
         os.makedirs(os.path.join(output_dir, sub), exist_ok=True)
     width = max(3, len(str(num_pairs - 1)))
@@ -320,7 +320,8 @@ def write_phantoms(output_dir, num_pairs, seed=0, max_rotation_deg=0.0, rotation
 
 
 # ------------------------------------------------------------------------------------------------ internals
-def _check_angle(name, value):
+def check_angle(name, value):
+    """``value`` as a float angle in degrees, or ValueError (naming ``name``) unless it is finite and in [0, 180]."""
     value = float(value)
     if not (np.isfinite(value) and 0.0 <= value <= 180.0):
         raise ValueError(f"{name} must be between 0 and 180 degrees, got {value}")
@@ -330,7 +331,7 @@ def _check_angle(name, value):
 def _trus_rotation(rng, max_rotation_deg, rotation_deg):
     """(Q (3, 3) or None, angle in degrees) of the TRUS-side rotation (see :func:`make_pair`). Drawn from a stream
     spawned off ``rng``'s seed sequence, so that ``rng``'s own draws (the rest of the pair) are unchanged."""
-    max_rotation_deg = _check_angle("max_rotation_deg", max_rotation_deg)
+    max_rotation_deg = check_angle("max_rotation_deg", max_rotation_deg)
     if rotation_deg is None and max_rotation_deg == 0.0:
         return None, 0.0
     seed_seq = getattr(rng.bit_generator, "seed_seq", None)

@@ -204,6 +204,8 @@ def test_phantoms_cli_writes_rotated_pairs_and_refuses_a_bad_angle(tmp_path):
     disp, _ = io.read_displacement_field(tmp_path / "ph" / "ground_truth" / "phantom000.nii.gz")
     expected = synthetic.make_pair(np.random.default_rng(np.random.SeedSequence(3).spawn(1)[0]), max_rotation_deg=30.0)
     np.testing.assert_array_equal(disp, sitk.GetArrayFromImage(expected["displacement"]).transpose(2, 1, 0, 3))
-    res = _cli("--num_pairs", "1", "--output_dir", str(tmp_path / "bad"), "--max_rotation_deg", "200")
-    assert res.returncode == 2 and "--max_rotation_deg" in res.stderr and len(res.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "bad").exists()
+    for angle in ("200", "nan"):
+        res = _cli("--num_pairs", "1", "--output_dir", str(tmp_path / "bad"), "--max_rotation_deg", angle)
+        assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
+        assert "--max_rotation_deg: must be between 0 and 180 degrees" in res.stderr
+        assert not (tmp_path / "bad").exists()

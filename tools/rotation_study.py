@@ -49,9 +49,12 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output_dir")
     args = parser.parse_args(argv)
+    from label_reg.synthetic import check_angle
     for name in ("max_rotation_deg", "test_rotation_deg"):
-        if not 0.0 <= getattr(args, name) <= 180.0:
-            parser.error(f"--{name} must be between 0 and 180 degrees, got {getattr(args, name)}")
+        try:
+            check_angle(f"--{name}", getattr(args, name))
+        except ValueError as err:
+            parser.error(str(err))
     for name in ("num_pairs", "num_heldout", "num_steps", "segmenter_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")

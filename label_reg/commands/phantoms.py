@@ -47,8 +47,10 @@ def main(argv):
         raise InputError("--output_dir", "is required")
     if FLAGS.num_pairs < 1:
         raise InputError("--num_pairs", f"must be at least 1, got {FLAGS.num_pairs}")
-    if not 0.0 <= FLAGS.max_rotation_deg <= 180.0:
-        raise InputError("--max_rotation_deg", f"must be between 0 and 180 degrees, got {FLAGS.max_rotation_deg}")
+    try:
+        synthetic.check_angle("max_rotation_deg", FLAGS.max_rotation_deg)
+    except ValueError as err:
+        raise InputError("--max_rotation_deg", str(err).removeprefix("max_rotation_deg ")) from None
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise InputError(output_dir, "exists and is not a directory")
 
