@@ -6,7 +6,8 @@ PY        := $(VENV)/bin/python
 LABEL_REG := $(VENV)/bin/label-reg
 
 # Training: make train-mixplus DATA=path/to/paired/data [PRESET=cpu] [FOLD=0] [PREALIGN=gland] [RUNS=runs]
-#           (train-mixplus_landmarks: MIX+ with landmark supervision, experiments/mixplus_landmarks.flags)
+#           (train-mixplus_landmarks: MIX+ with landmark supervision, experiments/mixplus_landmarks.flags;
+#            train-mixplus_affine / train-mixplus_landmarks_affine: the same with the global affine stage)
 #           [EXTRA="--num_steps=100"] [SEGMENTER_EXTRA=...]
 # PREALIGN=gland pre-aligns on the TRUS gland found by that fold's segmenter (runs/segmenter[_PRESET]_foldK), which
 # is trained first unless it is already there; the run is then runs/<experiment>_gland[_PRESET]_foldK.
@@ -32,7 +33,8 @@ test -f $(call SEGMENTER_DIR,$(1))/model.weights.h5 || $(LABEL_REG) train-segmen
 endef
 
 .PHONY: install test demo rotation-study bench evaluate export clean-runs check-data \
-        train-mdsc train-sdm train-mix train-mixplus train-mixplus_landmarks train-all-folds train-segmenter
+        train-mdsc train-sdm train-mix train-mixplus train-mixplus_landmarks train-mixplus_affine \
+        train-mixplus_landmarks_affine train-all-folds train-segmenter
 
 install: $(VENV)/.installed
 
@@ -52,7 +54,8 @@ train-segmenter: install check-data
 	$(LABEL_REG) train-segmenter --flagfile=experiments/segmenter.flags $(SEGMENTER_PRESET_FLAGS) --data_dir=$(DATA) \
 	  --model_dir=$(call SEGMENTER_DIR,$(FOLD)) --fold=$(FOLD) $(SEGMENTER_EXTRA)
 
-train-mdsc train-sdm train-mix train-mixplus train-mixplus_landmarks: train-%: install check-data
+train-mdsc train-sdm train-mix train-mixplus train-mixplus_landmarks train-mixplus_affine \
+train-mixplus_landmarks_affine: train-%: install check-data
 	$(if $(GLAND),$(call ENSURE_SEGMENTER,$(FOLD)))
 	$(LABEL_REG) train --flagfile=experiments/$*.flags $(PRESET_FLAGS) --data_dir=$(DATA) \
 	  --model_dir=$(RUNS)/$(call RUN_NAME,$*$(if $(GLAND),_gland),$(FOLD)) --fold=$(FOLD) \

@@ -151,6 +151,35 @@ def test_train_flags_are_the_config_fields_and_the_presets_parse():
         config_from_flags(TrainConfig, flag_values)
 
 
+def test_every_experiment_flagfile_is_a_valid_training_config():
+    from absl import flags
+
+    from label_reg.commands import config_from_flags, define_config_flags
+    from label_reg.train import TrainConfig
+    experiments = pathlib.Path(__file__).resolve().parents[1] / "experiments"
+    configs = {}
+    for path in sorted(experiments.glob("*.flags")):
+        if path.stem in ("cpu", "segmenter", "segmenter_cpu"):  # a preset and the segmenter's own flags
+            continue
+        flag_values = flags.FlagValues()
+        define_config_flags(TrainConfig, flag_values)
+        flag_values(["train", f"--flagfile={path}", f"--flagfile={experiments / 'cpu.flags'}",
+                     "--data_dir=DATA", "--model_dir=RUN"])
+        configs[path.stem] = config_from_flags(TrainConfig, flag_values)
+    assert {"mdsc", "sdm", "mix", "mixplus", "mixplus_landmarks", "mixplus_affine",
+            "mixplus_landmarks_affine"} <= set(configs)
+    # Each beyond-the-paper experiment is MIX+ with one or both additions, and nothing else changed.
+    plain = configs["mixplus"]
+    for name, landmarks, affine in (("mixplus_landmarks", True, False), ("mixplus_affine", False, True),
+                                    ("mixplus_landmarks_affine", True, True)):
+        config = configs[name]
+        assert (config.landmark_weight > 0, config.global_affine) == (landmarks, affine), name
+        assert config.build_args() == dict(plain.build_args(), global_affine=affine,
+                                           **({"affine_pooling": "flatten"} if affine else {})), name
+        assert (config.alpha, config.beta, config.learning_rate, config.num_steps) == (
+            plain.alpha, plain.beta, plain.learning_rate, plain.num_steps), name
+
+
 def test_killed_and_resumed_run_ends_with_the_same_weights(phantom_dir, tmp_path):
     straight = _config(phantom_dir, tmp_path / "straight")
     _finish(_start(straight))
