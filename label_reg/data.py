@@ -67,22 +67,31 @@ def batch_schedule(num_cases, batch_size, num_steps, seed):
     return order[:needed].reshape(num_steps, batch_size)
 
 
-def augment_batch(batch, seed, scale):
+def augment_batch(batch, seed, scale, rotation_deg=0.0):
     """Random affine augmentation of a batch dict, MR and TRUS drawn independently (stateless, seed shape [2]).
 
     The image, gland mask, landmarks and SDM of one side share a draw, so they stay aligned; a side none of whose
     keys is in the batch is skipped (the other side's draw does not change). Masks stay in [0, 1] (trilinear).
+    ``scale``: NiftyNet's corner scale (:func:`label_reg.layers.random_affine`, 0 = none). ``rotation_deg``: the TRUS
+    side is also turned rigidly about the crop centre by up to this many degrees about a random axis
+    (:func:`label_reg.layers.random_rotation`, drawn from its own stream, so 0 leaves every other draw unchanged).
     """
-    if scale <= 0:
+    if scale <= 0 and rotation_deg <= 0:
         return batch
     out = dict(batch)
-    size = tf.shape(next(iter(batch.values())))[0]
-    for offset, side in enumerate(_SIDES.values()):
+    first = next(iter(batch.values()))
+    size = tf.shape(first)[0]
+    for offset, (name, side) in enumerate(_SIDES.items()):
         keys = [k for k in side if k in batch]
         if not keys:
             continue
         side_seed = tf.random.experimental.stateless_fold_in(seed, offset)
-        transforms = layers.random_affine(size, scale, side_seed)
+        transforms = layers.random_affine(size, max(scale, 0.0), side_seed)
+        if name == "fixed" and rotation_deg > 0:
+            rotation = layers.random_rotation(size, rotation_deg,
+                                              tf.random.experimental.stateless_fold_in(side_seed, 1),
+                                              tf.shape(first)[1:4])
+            transforms = layers.compose_affines(rotation, transforms)
         stacked = tf.concat([batch[k] for k in keys], axis=-1)
         warped = layers.apply_affine(stacked, transforms, boundary="replicate")
         start = 0
@@ -105,7 +114,8 @@ def _stack(cases, keys=TRAINING_KEYS, num_landmarks=None):
 
 
 def training_dataset(cases, global_batch_size, num_steps, seed, start_step=0, augment_scale=0.1,
-                     num_replicas=1, replica_offset=0, replicas_here=None, keys=TRAINING_KEYS, num_landmarks=None):
+                     num_replicas=1, replica_offset=0, replicas_here=None, keys=TRAINING_KEYS, num_landmarks=None,
+                     augment_rotation_deg=0.0):
     """Per-replica training batches for steps ``start_step .. num_steps - 1``.
 
     Yields, for every step, one element per local replica (``replicas_here`` of them, global replica ids from
@@ -113,6 +123,7 @@ def training_dataset(cases, global_batch_size, num_steps, seed, start_step=0, au
     ``tf.distribute`` hands elements to local replicas. With one replica it is simply one batch per step.
     ``keys``: the volumes each element holds (a subset of :data:`TRAINING_KEYS` that every case provides, plus
     :data:`LANDMARK_KEYS` if asked, with ``num_landmarks`` channels: default the most any case has).
+    ``augment_scale`` / ``augment_rotation_deg``: see :func:`augment_batch`.
     """
     keys = tuple(keys)
     if global_batch_size % num_replicas:
@@ -132,7 +143,7 @@ def training_dataset(cases, global_batch_size, num_steps, seed, start_step=0, au
         values = tf.numpy_function(take, [step, replica], [tf.float32] * len(keys), stateful=False)
         batch = {k: tf.ensure_shape(v, (per_replica,) + arrays[k].shape[1:]) for k, v in zip(keys, values)}
         seed_pair = tf.stack([tf.cast(seed, tf.int64), step * num_replicas + replica])
-        return augment_batch(batch, seed_pair, augment_scale)
+        return augment_batch(batch, seed_pair, augment_scale, augment_rotation_deg)
 
     count = (num_steps - start_step) * replicas_here
     dataset = tf.data.Dataset.range(count).map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

@@ -309,6 +309,35 @@ def random_affine(batch_size, scale, seed):
     return affine_from_corners(tf.constant(_CORNERS[:, :3])[None] * factors)
 
 
+def random_rotation(batch_size, max_deg, seed, spatial_shape):
+    """Draw ``batch_size`` rigid rotations about the volume centre as (B, 4, 3) affines in the normalised coordinates
+    of :func:`apply_affine` (``source = [x, 1] @ A``), from a stateless ``seed`` (int tensor of shape [2]).
+
+    Angle U(-max_deg, max_deg) degrees about an axis uniform on the sphere (Rodrigues). Rigid in voxel units, so in mm
+    for the isotropic grids pre-processing makes: with ``h = (shape - 1) / 2`` the normalised rotation is
+    ``diag(h) Q^T diag(h)^-1`` (row vectors). ``max_deg`` 0 gives the identity.
+    """
+    axis = tf.random.stateless_normal([batch_size, 3], seed=tf.random.experimental.stateless_fold_in(seed, 0))
+    axis = axis / tf.maximum(tf.norm(axis, axis=-1, keepdims=True), 1e-12)
+    angle = tf.random.stateless_uniform([batch_size], seed=tf.random.experimental.stateless_fold_in(seed, 1),
+                                        minval=-1.0, maxval=1.0) * (float(max_deg) * np.pi / 180.0)
+    x, y, z = tf.unstack(axis, axis=-1)
+    zero = tf.zeros_like(x)
+    k = tf.reshape(tf.stack([zero, -z, y, z, zero, -x, -y, x, zero], axis=-1), [-1, 3, 3])
+    sin, cos = tf.sin(angle)[:, None, None], tf.cos(angle)[:, None, None]
+    q = tf.eye(3, batch_shape=[batch_size]) + sin * k + (1.0 - cos) * tf.matmul(k, k)
+    half = tf.maximum((tf.cast(tf.convert_to_tensor(spatial_shape), tf.float32) - 1.0) / 2.0, 1e-6)
+    linear = half[None, :, None] * tf.transpose(q, [0, 2, 1]) / half[None, None, :]
+    return tf.concat([linear, tf.zeros([batch_size, 1, 3])], axis=1)
+
+
+def compose_affines(first, then):
+    """The (B, 4, 3) affine of ``first`` then ``then`` (both (B, 4, 3), row vectors: ``[[x, 1] @ first, 1] @ then``)."""
+    first, then = tf.convert_to_tensor(first, tf.float32), tf.convert_to_tensor(then, tf.float32)
+    linear = tf.matmul(first, then[:, :3])
+    return linear + tf.pad(then[:, 3:], [[0, 0], [3, 0], [0, 0]])
+
+
 def affine_from_corners(moved):
     """Least-squares affine (B, 4, 3) sending the corners of [-1, 1]^3 (in :data:`_CORNERS` order) to ``moved``."""
     return tf.einsum("nk,bnj->bkj", tf.constant(_CORNERS), tf.convert_to_tensor(moved, tf.float32)) / 8.0

@@ -58,6 +58,7 @@ class TrainConfig(RunConfig):
                                    "the paper) or tre (lowest median landmark TRE).")
 
     def __post_init__(self):
+        super().__post_init__()
         from label_reg.errors import InputError
         from label_reg.losses import LANDMARK_TERMS
         from label_reg.network import AFFINE_POOLING

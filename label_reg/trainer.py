@@ -62,6 +62,9 @@ class RunConfig:
     shape: tuple = option(_GRID.shape, "Crop shape x,y,z in voxels around the TRUS centre.")
     base_filters: int = option(4, "Filters at the first U-Net level (doubled per level).")
     augment_scale: float = option(0.1, "Affine augmentation corner scale (0 = off).")
+    augment_rotation_deg: float = option(0.0, "Also turn the TRUS side of each training sample rigidly about the "
+                                              "crop centre by a random angle up to this many degrees about a random "
+                                              "axis (0 = off, the paper).")
     num_folds: int = option(5, "Cross-validation folds.")
     fold: int = option(0, "Fold held out for validation.")
     split_seed: int = option(0, "Seed of the fold assignment.")
@@ -74,6 +77,15 @@ class RunConfig:
     cpu_replicas: int = option(0, "Split the CPU into this many logical devices under MirroredStrategy.")
     log_every: int = option(10, "TensorBoard scalars every N steps.")
     progress: bool = option(True, "Show a progress bar.")
+
+    def __post_init__(self):
+        from label_reg.errors import InputError
+        from label_reg.synthetic import check_angle
+        try:
+            check_angle("augment_rotation_deg", self.augment_rotation_deg)
+        except (TypeError, ValueError):
+            raise InputError("--augment_rotation_deg", f"must be between 0 and 180 degrees, "
+                                                       f"got {self.augment_rotation_deg!r}") from None
 
     def preprocess_config(self):
         return PreprocessConfig(spacing_mm=float(self.spacing_mm), shape=tuple(int(n) for n in self.shape))
@@ -225,7 +237,8 @@ class Trainer:
             return data_lib.training_dataset(
                 self.train_cases, self.global_batch, int(config.num_steps), int(config.seed), start_step,
                 float(config.augment_scale), num_replicas=self.replicas,
-                replica_offset=context.input_pipeline_id * local, replicas_here=local, keys=self.task.keys)
+                replica_offset=context.input_pipeline_id * local, replicas_here=local, keys=self.task.keys,
+                augment_rotation_deg=float(config.augment_rotation_deg))
 
         return self.strategy.distribute_datasets_from_function(dataset_fn)
 

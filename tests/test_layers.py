@@ -147,6 +147,41 @@ def test_random_affine_zooms_in_without_flips():
     np.testing.assert_allclose(identity[:, 3], 0, atol=1e-7)
 
 
+def test_random_rotation_is_rigid_in_voxels_and_bounded_by_its_angle():
+    shape = (40, 32, 24)
+    transforms = layers.random_rotation(256, 30.0, tf.constant([5, 6]), shape).numpy().astype(np.float64)
+    assert transforms.shape == (256, 4, 3) and np.all(transforms[:, 3] == 0)  # about the centre
+    half = (np.array(shape) - 1) / 2.0
+    q = np.transpose(transforms[:, :3] * half[None, None, :] / half[None, :, None], (0, 2, 1))  # back to voxels
+    np.testing.assert_allclose(q @ np.transpose(q, (0, 2, 1)), np.broadcast_to(np.eye(3), q.shape), atol=1e-5)
+    np.testing.assert_allclose(np.linalg.det(q), 1.0, atol=1e-5)  # a rotation, no flip
+    angles = np.degrees(np.arccos(np.clip((np.trace(q, axis1=1, axis2=2) - 1) / 2, -1, 1)))
+    assert angles.max() <= 30.0 + 1e-3 and angles.max() > 25.0 and np.median(angles) > 10.0
+    axes = np.stack([q[:, 2, 1] - q[:, 1, 2], q[:, 0, 2] - q[:, 2, 0], q[:, 1, 0] - q[:, 0, 1]], axis=1)
+    axes /= np.linalg.norm(axes, axis=1, keepdims=True)
+    assert np.abs(axes.mean(axis=0)).max() < 0.2  # axes spread over the sphere
+    still = layers.random_rotation(2, 0.0, tf.constant([5, 6]), shape).numpy()
+    np.testing.assert_allclose(still, np.broadcast_to(np.eye(4, 3), (2, 4, 3)), atol=1e-7)
+    # Applied to a volume: a blob 6 voxels off the centre of a cube stays 6 voxels off it and keeps its size.
+    cube = (33, 33, 33)
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in cube], indexing="ij"), -1)
+    blob = (np.sum((grid - [22.0, 16.0, 16.0]) ** 2, -1) < 16).astype(np.float32)[None, ..., None]
+    turned = layers.apply_affine(blob, layers.random_rotation(1, 90.0, tf.constant([1, 2]), cube)).numpy()[0, ..., 0]
+    centroid = (grid * turned[..., None]).sum((0, 1, 2)) / turned.sum()
+    assert np.linalg.norm(centroid - 16.0) == pytest.approx(6.0, abs=0.1)
+    assert np.linalg.norm(centroid - [22.0, 16.0, 16.0]) > 1.0 and turned.sum() == pytest.approx(blob.sum(), rel=0.02)
+
+
+def test_compose_affines_applies_the_first_then_the_second():
+    rng = np.random.default_rng(0)
+    first, then = rng.normal(size=(2, 4, 3)), rng.normal(size=(2, 4, 3))
+    x = rng.normal(size=(5, 3))
+    combined = layers.compose_affines(first, then).numpy()
+    for b in range(2):
+        y = np.c_[x, np.ones(5)] @ first[b]
+        np.testing.assert_allclose(np.c_[x, np.ones(5)] @ combined[b], np.c_[y, np.ones(5)] @ then[b], atol=1e-5)
+
+
 def test_affine_coordinates_scale_about_the_centre():
     transform = np.zeros((1, 4, 3), np.float32)
     transform[0, :3] = np.diag([0.5, 1.0, 1.0])

@@ -121,6 +121,17 @@ def test_pipeline_steps_are_reproducible_and_augmentation_differs_between_steps(
         for key in keys:
             np.testing.assert_allclose(b[key], a[key], atol=1e-6)
     assert not np.allclose(fixed_only[0]["fixed_image"], plain[0]["fixed_image"])
+    # Rotation augmentation turns the TRUS side only, rigidly (the gland keeps its volume), from its own stream.
+    turned = list(data_lib.training_dataset(cases, 2, 4, seed=1, augment_scale=0.0, augment_rotation_deg=30.0)
+                  .as_numpy_iterator())
+    for a, b in zip(plain, turned):
+        for key in ("moving_image", "moving_label"):
+            np.testing.assert_array_equal(b[key], a[key])
+        assert not np.allclose(b["fixed_label"], a["fixed_label"], atol=0.2)
+        np.testing.assert_allclose(b["fixed_label"].sum((1, 2, 3, 4)), a["fixed_label"].sum((1, 2, 3, 4)), rtol=0.03)
+    both = list(data_lib.training_dataset(cases, 2, 4, seed=1, augment_scale=0.1, augment_rotation_deg=30.0)
+                .as_numpy_iterator())
+    np.testing.assert_array_equal(both[0]["moving_image"], first[0]["moving_image"])  # the MR draw is unchanged
 
 
 def test_train_flags_are_the_config_fields_and_the_presets_parse():
@@ -149,6 +160,9 @@ def test_train_flags_are_the_config_fields_and_the_presets_parse():
     flag_values["shape"].parse("48,x,40")
     with pytest.raises(InputError, match="--shape"):
         config_from_flags(TrainConfig, flag_values)
+    for angle in (-1.0, 181.0, float("nan")):
+        with pytest.raises(InputError, match="--augment_rotation_deg: must be between 0 and 180 degrees"):
+            dataclasses.replace(config, augment_rotation_deg=angle)
 
 
 def test_every_experiment_flagfile_is_a_valid_training_config():

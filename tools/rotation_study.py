@@ -9,7 +9,7 @@ Prints a table, the rotation the affine stage found, and paired Wilcoxon tests o
 
     python tools/rotation_study.py --output_dir runs/rotation_study [--num_pairs 40] [--num_heldout 8]
         [--max_rotation_deg 30] [--test_rotation_deg 25] [--num_steps 1500] [--segmenter_steps 300]
-        [--landmark_weight 0] [--affine_pooling flatten]
+        [--landmark_weight 0] [--affine_pooling flatten] [--augment_rotation_deg 0]
 
 Everything lands in ``--output_dir`` (phantoms, segmenter, ``model`` and ``model_affine``, registrations,
 ``rotation_results.csv`` / ``.md``, ``rotation_summary.json``).
@@ -41,6 +41,9 @@ def parse_args(argv=None):
     parser.add_argument("--segmenter_steps", type=int, default=300, help="segmenter training iterations")
     parser.add_argument("--landmark_weight", type=float, default=0.0,
                         help="landmark supervision weight for both models (0: gland masks only)")
+    parser.add_argument("--augment_rotation_deg", type=float, default=0.0,
+                        help="both MIX+ models: also turn each training TRUS side by up to this many degrees "
+                             "(label-reg train --augment_rotation_deg)")
     parser.add_argument("--affine_pooling", choices=("average", "flatten"), default="flatten",
                         help="how the affine model's head reduces the coarsest features (label-reg train "
                              "--affine_pooling)")
@@ -50,7 +53,7 @@ def parse_args(argv=None):
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output_dir")
     args = parser.parse_args(argv)
     from label_reg.synthetic import check_angle
-    for name in ("max_rotation_deg", "test_rotation_deg"):
+    for name in ("max_rotation_deg", "test_rotation_deg", "augment_rotation_deg"):
         try:
             check_angle(f"--{name}", getattr(args, name))
         except ValueError as err:
@@ -84,7 +87,8 @@ def main(argv=None):
     for name, affine in (("model", False), ("model_affine", True)):
         summaries[name], seconds[name] = demo.train_mixplus_on(out / "phantoms", out, args, name, global_affine=affine,
                                                                landmark_weight=args.landmark_weight,
-                                                               affine_pooling=args.affine_pooling)
+                                                               affine_pooling=args.affine_pooling,
+                                                               augment_rotation_deg=args.augment_rotation_deg)
 
     print(f"[3/4] registering the {args.num_heldout} held-out pairs with each model", flush=True)
     rows = demo.score_heldout(out / "model", out / "heldout", out / "registered", PLAIN)
