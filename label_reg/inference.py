@@ -292,16 +292,19 @@ class FoldedBlocks(network.Blocks):
     def affine_head(self, x, name, pooling="average"):
         """The global affine head, its Dense weights copied. A pending per-channel shift ``c`` of the features passes
         the reduction and is folded into the Dense bias: average pooling gives ``mean(x + c) = mean(x) + c``, so
-        ``b' = b + c W``; flattening (channels last) gives ``flat(x) + tile(c, voxels)``, so ``b' = b + tile(c) W``."""
+        ``b' = b + c W``; the flattened head (channels last, divided by the V voxels) gives
+        ``(flat(x) + tile(c, V)) / V``, so ``b' = b + tile(c, V) W / V``."""
         dense = self.layer(name)
         kernel = np.asarray(dense.kernel.numpy(), np.float64)
         bias = np.asarray(dense.bias.numpy(), np.float64)
         entry = self._pending.get(id(x))
+        voxels = int(x.shape[1]) * int(x.shape[2]) * int(x.shape[3]) if pooling == "flatten" else 1
         if entry is not None:
             shift = np.asarray(entry[1], np.float64)
-            bias = bias + np.tile(shift, kernel.shape[0] // len(shift)) @ kernel
+            bias = bias + np.tile(shift, kernel.shape[0] // len(shift)) @ kernel / voxels
         if pooling == "flatten":
             reduced = keras.layers.Flatten(name=f"{name}_flatten")(x)
+            reduced = keras.layers.Rescaling(1.0 / voxels, name=f"{name}_per_voxel")(reduced)
         else:
             reduced = keras.layers.GlobalAveragePooling3D(name=f"{name}_pool")(x)
         return self._place(keras.layers.Dense(dense.units, name=name), [kernel, bias])(reduced)

@@ -19,7 +19,8 @@ Architecture (the paper, section 2.3; SPEC section 2):
 also feed an affine head, ``Dense(12)`` (``affine_head``, zero kernel and zero bias) over the features reduced by
 ``affine_pooling``: ``"average"`` (global average pooling, layer ``affine_head_pool``: one mean per channel, blind to
 where in the volume a feature is) or ``"flatten"`` (layer ``affine_head_flatten``: every bottom voxel's features, as
-label-reg's and DeepReg's affine heads do, so the head sees where things are; 27x more inputs at the CPU preset),
+label-reg's and DeepReg's affine heads do, so the head sees where things are; 27x more inputs at the CPU preset;
+scaled by 1 / voxels so that it learns at the average-pooled head's pace, see :meth:`Blocks.affine_head`),
 whose 12 parameters are the affine's residual from the identity in voxel coordinates about the volume centre
 (:func:`label_reg.layers.affine_parts`: a 3x3 linear residual ``R`` and a translation in units of half the volume
 extent). The U-Net's DDF becomes the *local* DDF ``l`` (layer ``ddf_local``) and the output is still one total DDF,
@@ -107,10 +108,16 @@ class Blocks:
 
     def affine_head(self, x, name, pooling="average"):
         """Global affine parameters (B, 12) from features (B, D0, D1, D2, C): ``pooling`` "average" (global average
-        pooling, ``{name}_pool``) or "flatten" (``{name}_flatten``, D0*D1*D2*C values in channels-last order), then
-        Dense(12) (``{name}``), zero kernel and zero bias (the identity affine)."""
+        pooling, ``{name}_pool``) or "flatten" (``{name}_flatten``, D0*D1*D2*C values in channels-last order, divided
+        by the D0*D1*D2 voxels, ``{name}_per_voxel``), then Dense(12) (``{name}``), zero kernel and zero bias (the
+        identity affine). The division makes the flattened head a per-voxel-weighted *mean*: Adam moves every
+        weight by about the learning rate per step whatever its input's scale, so without it the head's output
+        would move V times faster than the average-pooled head's (measured: a 1,728-input head at learning rate
+        1e-3 jumped to a reflection within the first steps)."""
         if pooling == "flatten":
+            voxels = int(x.shape[1]) * int(x.shape[2]) * int(x.shape[3])
             x = keras.layers.Flatten(name=f"{name}_flatten")(x)
+            x = keras.layers.Rescaling(1.0 / voxels, name=f"{name}_per_voxel")(x)
         else:
             x = keras.layers.GlobalAveragePooling3D(name=f"{name}_pool")(x)
         return keras.layers.Dense(AFFINE_PARAMETERS, kernel_initializer="zeros", bias_initializer="zeros",

@@ -157,9 +157,31 @@ def test_a_flattened_affine_head_reads_every_bottom_voxel_and_starts_at_the_iden
     head.set_weights([kernel, np.zeros(12, np.float32)])
     bottom = keras.Model(model.input, [model.get_layer("bottom_bn").output, head.output])
     features, theta = (t.numpy() for t in bottom(x, training=False))
-    np.testing.assert_allclose(theta[:, 0], features[:, 0, 0, 0, :].sum(axis=1), rtol=1e-5, atol=1e-5)
+    # ... divided by the 12 bottom voxels: the head learns at the average-pooled head's pace under Adam.
+    np.testing.assert_allclose(theta[:, 0], features[:, 0, 0, 0, :].sum(axis=1) / 12.0, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="affine_pooling must be one of average, flatten"):
         network.build_model((32, 32, 32), global_affine=True, affine_pooling="max")
+
+
+def test_one_adam_step_moves_the_flattened_head_no_faster_than_the_averaged_one():
+    """Adam moves each weight by about the learning rate, so a head's first step grows with its inputs: the
+    flattened head's division by its voxels keeps it at the average-pooled head's pace (without it: 12x here)."""
+    rng = np.random.default_rng(6)
+    steps = {}
+    for pooling in ("average", "flatten"):
+        keras.utils.set_random_seed(0)
+        model = network.build_model((48, 32, 24), moving_label_input=True, base_filters=2, global_affine=True,
+                                    affine_pooling=pooling)
+        head = model.get_layer(network.AFFINE_HEAD)
+        theta_of = keras.Model(model.input, head.output)
+        x = _inputs(model, np.random.default_rng(7))
+        optimizer = keras.optimizers.Adam(1e-3)
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(theta_of(x, training=False))
+        optimizer.apply_gradients(zip(tape.gradient(loss, head.trainable_weights), head.trainable_weights))
+        steps[pooling] = float(np.abs(theta_of(x, training=False).numpy()).max())
+    assert steps["average"] > 0
+    assert steps["flatten"] < 2.0 * steps["average"], steps
 
 
 def test_the_model_output_is_the_affine_composed_with_the_local_ddf(affine_net):
