@@ -298,7 +298,7 @@ class FoldedBlocks(network.Blocks):
         kernel = np.asarray(dense.kernel.numpy(), np.float64)
         bias = np.asarray(dense.bias.numpy(), np.float64)
         entry = self._pending.get(id(x))
-        voxels = int(x.shape[1]) * int(x.shape[2]) * int(x.shape[3]) if pooling == "flatten" else 1
+        voxels = network.spatial_voxels(x) if pooling == "flatten" else 1
         if entry is not None:
             shift = np.asarray(entry[1], np.float64)
             bias = bias + np.tile(shift, kernel.shape[0] // len(shift)) @ kernel / voxels

@@ -66,6 +66,11 @@ def padded_shape(shape):
     return tuple(-(-int(n) // factor) * factor for n in shape)
 
 
+def spatial_voxels(x):
+    """Voxels D0*D1*D2 of a (B, D0, D1, D2, C) tensor of static shape (what the flattened affine head divides by)."""
+    return int(x.shape[1]) * int(x.shape[2]) * int(x.shape[3])
+
+
 class Blocks:
     """The blocks :func:`build_model` assembles, as trainable Keras layers. Each method takes and returns
     symbolic tensors (B, D0, D1, D2, C) and names its layers ``{name}_...`` (the names the weights files and
@@ -115,7 +120,7 @@ class Blocks:
         would move V times faster than the average-pooled head's (measured: a 1,728-input head at learning rate
         1e-3 jumped to a reflection within the first steps)."""
         if pooling == "flatten":
-            voxels = int(x.shape[1]) * int(x.shape[2]) * int(x.shape[3])
+            voxels = spatial_voxels(x)
             x = keras.layers.Flatten(name=f"{name}_flatten")(x)
             x = keras.layers.Rescaling(1.0 / voxels, name=f"{name}_per_voxel")(x)
         else:

@@ -83,9 +83,8 @@ class RunConfig:
         from label_reg.synthetic import check_angle
         try:
             check_angle("augment_rotation_deg", self.augment_rotation_deg)
-        except (TypeError, ValueError):
-            raise InputError("--augment_rotation_deg", f"must be between 0 and 180 degrees, "
-                                                       f"got {self.augment_rotation_deg!r}") from None
+        except ValueError as err:
+            raise InputError("--augment_rotation_deg", str(err).removeprefix("augment_rotation_deg ")) from None
 
     def preprocess_config(self):
         return PreprocessConfig(spacing_mm=float(self.spacing_mm), shape=tuple(int(n) for n in self.shape))
