@@ -9,14 +9,17 @@ Prints a table, the rotation the affine stage found, and paired Wilcoxon tests o
 
     python tools/rotation_study.py --output_dir runs/rotation_study [--num_pairs 40] [--num_heldout 8]
         [--max_rotation_deg 30] [--test_rotation_deg 25] [--num_steps 1500] [--segmenter_steps 300]
-        [--landmark_weight 0] [--affine_pooling flatten] [--augment_rotation_deg 0]
+        [--landmark_weight 0] [--affine_pooling flatten] [--augment_rotation_deg 0] [--reuse_from DIR]
 
 Everything lands in ``--output_dir`` (phantoms, segmenter, ``model`` and ``model_affine``, registrations,
-``rotation_results.csv`` / ``.md``, ``rotation_summary.json``).
+``rotation_results.csv`` / ``.md``, ``rotation_summary.json``). ``--reuse_from`` a finished study with the same
+phantom, segmenter and MIX+ settings copies its phantoms, segmenter and plain MIX+ instead of making them again and
+trains only the affine model: half the cost of trying another affine setting (``--affine_pooling``).
 """
 import argparse
 import json
 import pathlib
+import shutil
 import sys
 import time
 
@@ -26,6 +29,10 @@ import demo  # noqa: E402  (tools/demo.py: the demo's trainings and held-out sco
 
 PLAIN, AFFINE = "MIX+ (found TRUS gland)", "MIX+ affine (found TRUS gland)"
 COARSE_FOUND = "Coarse (found TRUS gland)"
+# Settings that make the phantoms, the segmenter and the plain MIX+: a study reused by --reuse_from must share them.
+SHARED_SETTINGS = ("num_pairs", "num_heldout", "max_rotation_deg", "test_rotation_deg", "num_steps", "segmenter_steps",
+                   "landmark_weight", "augment_rotation_deg", "spacing_mm", "shape", "seed")
+REUSED = ("phantoms", "heldout", "segmenter", "model")  # what --reuse_from copies
 
 
 def parse_args(argv=None):
@@ -51,6 +58,9 @@ def parse_args(argv=None):
     parser.add_argument("--shape", default="48,48,40", help="crop shape x,y,z (the CPU preset)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output_dir")
+    parser.add_argument("--reuse_from", default=None,
+                        help="a finished study directory with the same settings (all but --affine_pooling): copy "
+                             "its phantoms, segmenter and plain MIX+ and train only the affine model")
     args = parser.parse_args(argv)
     from label_reg.synthetic import check_angle
     for name in ("max_rotation_deg", "test_rotation_deg", "augment_rotation_deg"):
@@ -63,7 +73,36 @@ def parse_args(argv=None):
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.num_pairs < 5:
         parser.error(f"--num_pairs must be at least 5 (five folds; fold 0 validates), got {args.num_pairs}")
+    if args.reuse_from is not None:
+        try:
+            args.reused_summary = reusable_study(args.reuse_from, args)
+        except ValueError as err:
+            parser.error(str(err))
     return args
+
+
+def reusable_study(directory, args):
+    """The ``rotation_summary.json`` of the finished study in ``directory`` if it made its phantoms, segmenter and
+    plain MIX+ with ``args``' settings (:data:`SHARED_SETTINGS`) and holds them; ValueError naming what differs."""
+    directory = pathlib.Path(directory)
+    summary_file = directory / "rotation_summary.json"
+    if not summary_file.is_file():
+        raise ValueError(f"--reuse_from {directory}: no rotation_summary.json (not a finished rotation study)")
+    try:
+        summary = json.loads(summary_file.read_text())
+        earlier = summary["args"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"--reuse_from {summary_file}: unreadable ({err})") from None
+    differ = [f"--{name} {earlier.get(name)!r} there, {getattr(args, name)!r} here" for name in SHARED_SETTINGS
+              if earlier.get(name) != getattr(args, name)]
+    if differ:
+        raise ValueError(f"--reuse_from {directory}: made with other settings ({'; '.join(differ)})")
+    missing = [name for name in REUSED if not (directory / name).is_dir()]
+    if missing:
+        raise ValueError(f"--reuse_from {directory}: {', '.join(missing)} missing")
+    if pathlib.Path(args.output_dir).resolve() == directory.resolve():
+        raise ValueError(f"--reuse_from {directory} is --output_dir itself; choose another --output_dir")
+    return summary
 
 
 def main(argv=None):
@@ -73,18 +112,29 @@ def main(argv=None):
         return 2
     started = time.perf_counter()
 
-    from label_reg.synthetic import write_phantoms
-    print(f"[1/4] writing {args.num_pairs} phantoms turned up to {args.max_rotation_deg:g} degrees and "
-          f"{args.num_heldout} held-out phantoms turned by {args.test_rotation_deg:g} degrees", flush=True)
-    write_phantoms(out / "phantoms", args.num_pairs, seed=args.seed, max_rotation_deg=args.max_rotation_deg)
-    write_phantoms(out / "heldout", args.num_heldout, seed=args.seed + 1000, rotation_deg=args.test_rotation_deg)
-
-    print(f"[2/4] training the segmenter ({args.segmenter_steps} steps), then MIX+ without and with the global "
-          f"affine stage ({args.num_steps} steps each)", flush=True)
-    segmenter_summary, segmenter_seconds = demo.train_segmenter_on(out / "phantoms", out, args)
-    seconds = {"segmenter": segmenter_seconds}
-    summaries = {}
+    reused = getattr(args, "reused_summary", None)
+    if reused is not None:
+        print(f"[1/4] copying the phantoms, segmenter and plain MIX+ of {args.reuse_from}", flush=True)
+        for name in REUSED:
+            shutil.copytree(pathlib.Path(args.reuse_from) / name, out / name)
+        segmenter_summary = {"last_validation": reused.get("segmenter_validation")}
+        seconds = {name: reused["seconds"][name] for name in ("segmenter", "model")}
+        summaries = {"model": {"best_dsc": reused["best_validation"]["model"]}}
+        print(f"[2/4] training MIX+ with the global affine stage ({args.num_steps} steps)", flush=True)
+    else:
+        from label_reg.synthetic import write_phantoms
+        print(f"[1/4] writing {args.num_pairs} phantoms turned up to {args.max_rotation_deg:g} degrees and "
+              f"{args.num_heldout} held-out phantoms turned by {args.test_rotation_deg:g} degrees", flush=True)
+        write_phantoms(out / "phantoms", args.num_pairs, seed=args.seed, max_rotation_deg=args.max_rotation_deg)
+        write_phantoms(out / "heldout", args.num_heldout, seed=args.seed + 1000, rotation_deg=args.test_rotation_deg)
+        print(f"[2/4] training the segmenter ({args.segmenter_steps} steps), then MIX+ without and with the global "
+              f"affine stage ({args.num_steps} steps each)", flush=True)
+        segmenter_summary, segmenter_seconds = demo.train_segmenter_on(out / "phantoms", out, args)
+        seconds = {"segmenter": segmenter_seconds}
+        summaries = {}
     for name, affine in (("model", False), ("model_affine", True)):
+        if name in summaries:
+            continue
         summaries[name], seconds[name] = demo.train_mixplus_on(out / "phantoms", out, args, name, global_affine=affine,
                                                                landmark_weight=args.landmark_weight,
                                                                affine_pooling=args.affine_pooling,
@@ -114,10 +164,12 @@ def main(argv=None):
               f"(n = {t['n']})" for t in tests]
     (out / "rotation_results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    print(f"segmenter {seconds['segmenter']:.0f} s, MIX+ {seconds['model']:.0f} s, MIX+ affine "
-          f"{seconds['model_affine']:.0f} s; whole study {time.perf_counter() - started:.0f} s")
+    print(f"segmenter {seconds['segmenter']:.0f} s, MIX+ {seconds['model']:.0f} s"
+          f"{' (reused)' if reused is not None else ''}, MIX+ affine {seconds['model_affine']:.0f} s; whole study "
+          f"{time.perf_counter() - started:.0f} s")
+    settings = {key: value for key, value in vars(args).items() if key != "reused_summary"}
     (out / "rotation_summary.json").write_text(json.dumps(
-        {"args": vars(args), "seconds": seconds, "wilcoxon_tre": tests,
+        {"args": settings, "seconds": seconds, "wilcoxon_tre": tests,
          "segmenter_validation": segmenter_summary["last_validation"],
          "best_validation": {name: s["best_dsc"] for name, s in summaries.items()},
          "affine_rotation_deg": found.tolist()}, indent=2))
