@@ -12,7 +12,8 @@
   so ∇|J| and folding are NaN; the TRE is measured on the TRUS grid, i.e. in TRUS world space, so it also fills
   ``tre_world_mm``.
 * :func:`compare` puts it together: our summary (mean (median) ± SD), :func:`label_reg.report.side_by_side` with
-  the paper's Table 1 and Hu et al. 2018, the TRUS gland segmenter's scores when the CSVs hold them, and paired
+  the paper's Table 1 and Hu et al. 2018, the TRUS gland segmenter's scores when the CSVs hold them, what a global
+  affine stage did (:func:`label_reg.evaluate.affine_note`, for methods whose rows carry the affine columns), and paired
   Wilcoxon signed-rank p-values between every two of our methods (legacy row included; e.g. ``MIX+ (found gland)``
   against the paper pipeline's ``MIX+``) and between the pre-alignments, on the cases they share.
 
@@ -33,7 +34,7 @@ from label_reg import metrics, report
 from label_reg.errors import InputError
 from label_reg.evaluate import (COARSE, COARSE_FOUND, COARSE_TRUE, FOUND_SUFFIX, METRIC_COLUMNS, PREALIGNMENT_NOTE,
                                 PREALIGNMENT_ROWS, RESULT_COLUMNS, SEGMENTER_COLUMNS, SEGMENTER_NOTE, TABLE_NOTE,
-                                TRUE_SUFFIX, read_per_case, segmenter_table, summary_table)
+                                TRUE_SUFFIX, affine_note, read_per_case, segmenter_table, summary_table)
 
 __all__ = ["LEGACY_METHOD", "LEGACY_SUFFIX", "load_results", "legacy_outputs", "read_legacy_labels",
            "score_niftynet", "method_pairs", "compare", "Comparison"]
@@ -268,6 +269,10 @@ def compare(results, niftynet_dir=None, data_dir=None, paper=None) -> Comparison
     notes = [TABLE_NOTE, ""]
     if len(set(per_case["method"]) & set(PREALIGNMENT_ROWS)) > 1:
         notes += [PREALIGNMENT_NOTE, ""]
+    for method in sorted(per_case["method"].unique(), key=report.method_sort_key):
+        note = affine_note(per_case, method)
+        if note is not None:
+            notes += [note, ""]
     segmenter = segmenter_table(per_case)
     if segmenter is not None:
         notes += ["# TRUS gland segmenter", "", report.to_markdown(segmenter), "", SEGMENTER_NOTE, ""]

@@ -32,6 +32,12 @@ transform of :mod:`label_reg.transform` (pre-alignment translation plus the DDF,
 label file; the per-patient value is the mean over landmarks whose two centroids exist. Each row uses its own
 translation and crop grid.
 
+For a model with the global affine stage (``build.global_affine``) its rows also say what the affine alone did
+(:func:`affine_columns`, in world mm on the crop grid, the pre-alignment translation left out):
+``affine_rotation_deg`` (angle of the rotation of its polar decomposition), ``affine_shift_mm`` (how far it moves the
+crop centre), ``affine_scale_min`` / ``affine_scale_max`` (its smallest and largest singular values), and the summary
+gives their median and range; NaN on the other rows.
+
 TensorFlow is imported only when a model is evaluated, so the table helpers here are cheap to import.
 """
 from __future__ import annotations
@@ -56,7 +62,7 @@ from label_reg.preprocess import Preprocessed, preprocess_pair
 
 __all__ = [
     "COARSE", "COARSE_FOUND", "COARSE_TRUE", "PREALIGNMENT_ROWS", "FOUND_SUFFIX", "TRUE_SUFFIX", "METRIC_COLUMNS",
-    "SEGMENTER_COLUMNS", "RESULT_COLUMNS", "method_name", "resolve_cases", "Evaluator", "landmark_centroids_world",
+    "SEGMENTER_COLUMNS", "AFFINE_COLUMNS", "RESULT_COLUMNS", "affine_columns", "affine_note", "method_name", "resolve_cases", "Evaluator", "landmark_centroids_world",
     "world_tre_mm", "summary_table", "summary_markdown", "segmenter_table", "read_per_case", "evaluate",
     "EvaluationResult",
 ]
@@ -70,7 +76,8 @@ PREALIGNMENT_ROWS = (COARSE, COARSE_FOUND, COARSE_TRUE)
 METRIC_COLUMNS = ("dsc", "dsc_base", "dsc_mid", "dsc_apex", "tre_mm", "tre_world_mm", "hd95_mm",
                   "jacobian_gradient", "folding_fraction", "landmarks_missing")
 SEGMENTER_COLUMNS = ("segmenter_dsc", "segmenter_centre_error_mm")
-RESULT_COLUMNS = ("case", "method", "fold") + METRIC_COLUMNS + SEGMENTER_COLUMNS
+AFFINE_COLUMNS = ("affine_rotation_deg", "affine_shift_mm", "affine_scale_min", "affine_scale_max")
+RESULT_COLUMNS = ("case", "method", "fold") + METRIC_COLUMNS + SEGMENTER_COLUMNS + AFFINE_COLUMNS
 WORLD_TRE_HEADER = "TRE world mm"
 
 
@@ -209,8 +216,13 @@ class Evaluator:
 
     def __call__(self, pre: Preprocessed):
         """(ddf (X, Y, Z, 3) voxels, warped moving labels (X, Y, Z, K)) as float32 numpy arrays."""
-        ddf = self.predictor.predict(pre)
-        return ddf, self.predictor.warp(pre.moving_label, ddf, "zero")
+        return self.run(pre)[:2]
+
+    def run(self, pre: Preprocessed):
+        """(ddf, warped moving labels, affine): :meth:`__call__` plus the global affine stage alone, (3, 4) crop
+        voxels (:meth:`label_reg.predictor.Predictor.predict_stages`), or None for a network without it."""
+        ddf, affine = self.predictor.predict_stages(pre)
+        return ddf, self.predictor.warp(pre.moving_label, ddf, "zero"), affine
 
 
 def _preprocessed(pair, config, cache, fixed_centre_mm=None):
@@ -287,6 +299,38 @@ def _score(pair, pre, labels, ddf, method, fold, centroids, extra=None):
     row["tre_world_mm"] = world_tre_mm(*centroids, ddf, pre.grid, pre.translation_mm)[0]
     row.update(extra or {})
     return row
+
+
+def affine_columns(affine, grid):
+    """The per-case columns :data:`AFFINE_COLUMNS` of a global affine stage ``affine`` (3, 4), crop index x ->
+    moving crop index ``affine[:, :3] x + affine[:, 3]``, on the crop ``grid``: in world mm without the
+    pre-alignment translation (:func:`label_reg.transform.world_affine`, :func:`label_reg.transform.affine_summary`
+    about the crop centre); {} for None."""
+    if affine is None:
+        return {}
+    summary = transform.affine_summary(*transform.world_affine(affine, grid, np.zeros(3)), grid.center_world)
+    return {"affine_rotation_deg": summary["rotation_deg"],
+            "affine_shift_mm": float(np.linalg.norm(summary["translation_mm"])),
+            "affine_scale_min": min(summary["scales"]), "affine_scale_max": max(summary["scales"])}
+
+
+def affine_note(per_case, method):
+    """One line on what the global affine stage did on ``method``'s rows (median and range of
+    :data:`AFFINE_COLUMNS`), or None when those rows have no affine columns."""
+    if not set(AFFINE_COLUMNS) <= set(per_case.columns):
+        return None
+    rows = per_case.loc[per_case["method"] == method, list(AFFINE_COLUMNS)].apply(pd.to_numeric, errors="coerce")
+    rows = rows.dropna()
+    if rows.empty:
+        return None
+
+    def spread(values, digits):
+        return f"{values.median():.{digits}f} ({values.min():.{digits}f}–{values.max():.{digits}f})"
+
+    return (f"Global affine stage of {method}, the affine alone over {len(rows)} case(s), median (range): rotation "
+            f"{spread(rows['affine_rotation_deg'], 1)} degrees, shift of the crop centre "
+            f"{spread(rows['affine_shift_mm'], 1)} mm, scales {rows['affine_scale_min'].min():.3f}–"
+            f"{rows['affine_scale_max'].max():.3f}.")
 
 
 def _centroids(pair):
@@ -482,12 +526,14 @@ def _evaluate(model_dir, output_dir, data_dir, cases_csv, split, fold, method, c
         if segmenter is not None or true_gland_model_row:
             true = cases.true(pair)
             rows.append(_score(pair, true, true.moving_label, None, COARSE_TRUE, chosen_fold, centroids))
-        ddf, warped = evaluator(pre)
-        model_row = _score(pair, pre, warped, ddf, method, chosen_fold, centroids, found_scores if gland else None)
+        ddf, warped, affine = evaluator.run(pre)
+        model_row = _score(pair, pre, warped, ddf, method, chosen_fold, centroids,
+                           {**(found_scores if gland else {}), **affine_columns(affine, pre.grid)})
         rows.append(model_row)
         if true_gland_model_row:
-            true_ddf, true_warped = evaluator(true)
-            rows.append(_score(pair, true, true_warped, true_ddf, true_method, chosen_fold, centroids))
+            true_ddf, true_warped, true_affine = evaluator.run(true)
+            rows.append(_score(pair, true, true_warped, true_ddf, true_method, chosen_fold, centroids,
+                               affine_columns(true_affine, true.grid)))
         if progress:
             found_text = ("" if not found_scores else
                           f", segmenter DSC {_fmt_metric(found_scores['segmenter_dsc'], 100)} %, centre error "
@@ -512,6 +558,10 @@ def _evaluate(model_dir, output_dir, data_dir, cases_csv, split, fold, method, c
              f"{report.to_markdown(summary)}\n\n{TABLE_NOTE}"]
     if len(set(per_case["method"]) & set(PREALIGNMENT_ROWS)) > 1:
         parts.append(PREALIGNMENT_NOTE)
+    for name in (method, true_method):
+        note = affine_note(per_case, name)
+        if note is not None:
+            parts.append(note)
     if segmenter_summary is not None:
         parts.append(f"## TRUS gland segmenter ({segmenter})\n\n{report.to_markdown(segmenter_summary)}\n\n"
                      f"{SEGMENTER_NOTE}")

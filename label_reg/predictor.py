@@ -35,6 +35,8 @@ API (arrays are float32 in ITK index order (x, y, z), channels last)::
     .feed(batch)       # {name: batch[name]} for the input names (tensors as they are)
     .case_inputs(case) # {name: (1, X, Y, Z, 1) float32} from a case dict or Preprocessed
     .predict(case)     # (X, Y, Z, C) numpy output for one case
+    .has_global_affine # a registration network with the global affine stage (label_reg.network.stage_model)
+    .predict_stages(case)  # (DDF (X, Y, Z, 3) float32, affine (3, 4) float64 or None) from one forward
     .warp(volume, ddf, boundary="zero")           # (X, Y, Z[, K]) warped by a (X, Y, Z, 3) DDF, numpy
     .register_tensors(inputs, moving_label=None)  # {ddf, warped_moving_image[, warped_moving_label]} tensors
 """
@@ -78,6 +80,13 @@ class Predictor:
                                    input_signature=[self.signature(batch_size)], jit_compile=bool(jit_compile),
                                    reduce_retracing=False)
         self._warps = {}
+        from label_reg import network
+        self.has_global_affine = self.is_registration and network.has_global_affine(model)
+        self._stages = None
+        if self.has_global_affine:
+            stages = network.stage_model(model)
+            self._stages = tf.function(lambda inputs: stages(inputs, training=False),
+                                       input_signature=[self.signature(1)])
 
     @classmethod
     def from_model_dir(cls, path, folded=True, batch_size=None):
@@ -128,6 +137,16 @@ class Predictor:
         """The network's output for one case (see :meth:`case_inputs`): (X, Y, Z, C) float32 numpy."""
         inputs = {name: tf.constant(value) for name, value in self.case_inputs(case).items()}
         return np.asarray(self.forward(inputs)[0].numpy(), np.float32)
+
+    def predict_stages(self, case):
+        """(DDF (X, Y, Z, 3) float32 voxels, affine (3, 4) float64 or None) for one case: the total DDF and, for a
+        network with the global affine stage, the affine alone (crop index x -> moving crop index
+        ``A[:, :3] x + A[:, 3]``, :func:`label_reg.network.stage_model`), from one forward pass (traced once)."""
+        self._require_registration()
+        if self._stages is None:
+            return self.predict(case), None
+        out = self._stages({name: tf.constant(value) for name, value in self.case_inputs(case).items()})
+        return (np.asarray(out["ddf"][0].numpy(), np.float32), np.asarray(out["affine"][0].numpy(), np.float64))
 
     def _require_registration(self):
         if not self.is_registration:

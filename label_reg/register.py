@@ -218,14 +218,7 @@ class Registrar:
         self.info, self.config = self.predictor.info, self.predictor.preprocess_config
         self.moving_label_input = "moving_label" in self.predictor.input_names
         self.image_shape = self.predictor.image_shape
-        self.global_affine, self._stages = False, None
-        from label_reg import network
-        if network.has_global_affine(self.predictor.model):
-            import tensorflow as tf
-            stages = network.stage_model(self.predictor.model)
-            self.global_affine = True
-            self._stages = tf.function(lambda inputs: stages(inputs, training=False),
-                                       input_signature=[self.predictor.signature(1)])
+        self.global_affine = self.predictor.has_global_affine
         self.finder = self._load_segmenter() if self.config.prealign == "trus_gland" else None
         self.load_seconds = time.perf_counter() - start
 
@@ -250,13 +243,8 @@ class Registrar:
     def predict_stages(self, pre):
         """(DDF (X, Y, Z, 3) float32 crop voxels, affine (3, 4) float64 or None): the total DDF and, for a
         ``global_affine`` model, its affine stage alone (crop index x -> moving crop index ``A[:, :3] x + A[:, 3]``,
-        :func:`label_reg.network.stage_model`), from one forward pass."""
-        if self._stages is None:
-            return self.predictor.predict(pre), None
-        import tensorflow as tf
-        out = self._stages({k: tf.constant(v) for k, v in self.predictor.case_inputs(pre).items()})
-        return (np.asarray(out["ddf"][0].numpy(), np.float32),
-                np.asarray(out["affine"][0].numpy(), np.float64))
+        :func:`label_reg.network.stage_model`), from one forward pass (:meth:`Predictor.predict_stages`)."""
+        return self.predictor.predict_stages(pre)
 
     # -- the whole thing -------------------------------------------------------------------------------------
     def register(self, moving_image, fixed_image, moving_label=None, moving_points=None, output_dir=None):

@@ -327,6 +327,30 @@ def _expected_affine(crop, translation_mm, points):
     return crop.index_to_world(y) + np.asarray(translation_mm)
 
 
+def test_evaluate_reports_what_the_affine_stage_did(known_affine_dir, phantom_dir, tmp_path):
+    """evaluate's affine columns give the known affine in world terms: a 20-degree rotation, scales 1.05, and the
+    crop centre moved by the head's translation (0.1, -0.06, 0.08 half extents of 15.5 voxels at 3 mm)."""
+    import io as text_io
+
+    import pandas as pd
+
+    from label_reg.compare import compare
+    from label_reg.evaluate import evaluate
+    stream = text_io.StringIO()
+    result = evaluate(known_affine_dir, tmp_path / "eval", data_dir=phantom_dir, fold=0, method="KNOWN",
+                      cache_dir=tmp_path / "cache", progress=False, stream=stream)
+    df = pd.read_csv(tmp_path / "eval" / "per_case.csv")
+    ours, coarse = df[df["method"] == "KNOWN"], df[df["method"] == "Coarse"]
+    assert len(ours) == 4 and coarse[["affine_rotation_deg", "affine_shift_mm"]].isna().all().all()
+    np.testing.assert_allclose(ours["affine_rotation_deg"], 20.0, atol=1e-3)
+    np.testing.assert_allclose(ours[["affine_scale_min", "affine_scale_max"]], 1.05, atol=1e-5)
+    np.testing.assert_allclose(ours["affine_shift_mm"], np.linalg.norm(KNOWN_TRANSLATION * 15.5 * 3.0), atol=1e-3)
+    note = ("Global affine stage of KNOWN, the affine alone over 4 case(s), median (range): rotation 20.0 "
+            "(20.0–20.0) degrees, shift of the crop centre 6.6 (6.6–6.6) mm, scales 1.050–1.050.")
+    assert note in result.text and note in stream.getvalue()
+    assert note in compare([tmp_path / "eval" / "per_case.csv"]).text
+
+
 def test_register_writes_the_affine_as_an_itk_transform_that_maps_points_like_the_field(known_affine_result):
     result, fixed_points, expected_moving, crop = known_affine_result
     assert result.files["transform_affine"].name == "transform_affine.tfm"

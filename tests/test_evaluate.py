@@ -62,8 +62,10 @@ def test_per_case_rows_and_summary(evaluated, phantom_dir):
     assert df.loc[df["method"] == "Coarse", "jacobian_gradient"].isna().all()
     assert np.isfinite(df.loc[df["method"] == "MIX+", "jacobian_gradient"]).all()
     assert df["dsc"].between(0, 1).all() and np.isfinite(df["tre_world_mm"]).all()
+    assert df[["affine_rotation_deg", "affine_shift_mm"]].isna().all().all()  # no global affine stage
 
     summary = (out / "summary.md").read_text()
+    assert "Global affine stage" not in summary
     lines = [ln for ln in summary.splitlines() if ln.startswith("| ")]
     assert lines[0].startswith("| method | DSC whole % |") and "TRE world mm" in lines[0]
     assert lines[1].startswith("| Coarse | ") and lines[2].startswith("| MIX+ | ")
