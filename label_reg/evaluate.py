@@ -62,9 +62,9 @@ from label_reg.preprocess import Preprocessed, preprocess_pair
 
 __all__ = [
     "COARSE", "COARSE_FOUND", "COARSE_TRUE", "PREALIGNMENT_ROWS", "FOUND_SUFFIX", "TRUE_SUFFIX", "METRIC_COLUMNS",
-    "SEGMENTER_COLUMNS", "AFFINE_COLUMNS", "RESULT_COLUMNS", "affine_columns", "affine_note", "method_name", "resolve_cases", "Evaluator", "landmark_centroids_world",
-    "world_tre_mm", "summary_table", "summary_markdown", "segmenter_table", "read_per_case", "evaluate",
-    "EvaluationResult",
+    "SEGMENTER_COLUMNS", "AFFINE_COLUMNS", "RESULT_COLUMNS", "affine_columns", "affine_note", "method_name",
+    "resolve_cases", "Evaluator", "landmark_centroids_world", "world_tre_mm", "summary_table", "summary_markdown",
+    "segmenter_table", "read_per_case", "evaluate", "EvaluationResult",
 ]
 
 COARSE = "Coarse"
