@@ -8,9 +8,11 @@ LABEL_REG := $(VENV)/bin/label-reg
 # Training: make train-mixplus DATA=path/to/paired/data [PRESET=cpu] [FOLD=0] [PREALIGN=gland] [RUNS=runs]
 #           (train-mixplus_landmarks: MIX+ with landmark supervision, experiments/mixplus_landmarks.flags;
 #            train-mixplus_affine / train-mixplus_landmarks_affine: the same with the global affine stage)
-#           [EXTRA="--num_steps=100"] [SEGMENTER_EXTRA=...]
+#           [EXTRA="--num_steps=100"] [SEGMENTER_EXTRA=...] [TAG=name]
 # PREALIGN=gland pre-aligns on the TRUS gland found by that fold's segmenter (runs/segmenter[_PRESET]_foldK), which
 # is trained first unless it is already there; the run is then runs/<experiment>_gland[_PRESET]_foldK.
+# TAG names a variant made with EXTRA so that it gets its own run folder, runs/<experiment>[_gland]_TAG[_PRESET]_foldK
+# (e.g. TAG=rot15 EXTRA="--augment_rotation_deg=15"); the segmenters are shared.
 DATA   ?= $(LABEL_REG_DEMO_DATA)
 FOLD   ?= 0
 FOLDS  ?= 0 1 2 3 4
@@ -19,10 +21,12 @@ PREALIGN ?=
 RUNS   ?= runs
 EXTRA  ?=
 SEGMENTER_EXTRA ?=
+TAG    ?=
 PRESET_FLAGS = $(if $(PRESET),--flagfile=experiments/$(PRESET).flags)
 SEGMENTER_PRESET_FLAGS = $(if $(wildcard experiments/segmenter_$(PRESET).flags),--flagfile=experiments/segmenter_$(PRESET).flags)
 RUN_NAME = $(1)$(if $(PRESET),_$(PRESET))_fold$(2)
 GLAND = $(filter gland,$(PREALIGN))
+EXPERIMENT_RUN = $(call RUN_NAME,$(1)$(if $(GLAND),_gland)$(if $(TAG),_$(TAG)),$(2))
 SEGMENTER_DIR = $(RUNS)/$(call RUN_NAME,segmenter,$(1))
 GLAND_FLAGS = $(if $(GLAND),--prealign=trus_gland --segmenter_dir=$(call SEGMENTER_DIR,$(1)))
 # Trains fold $(1)'s segmenter unless its model directory is already complete.
@@ -58,7 +62,7 @@ train-mdsc train-sdm train-mix train-mixplus train-mixplus_landmarks train-mixpl
 train-mixplus_landmarks_affine: train-%: install check-data
 	$(if $(GLAND),$(call ENSURE_SEGMENTER,$(FOLD)))
 	$(LABEL_REG) train --flagfile=experiments/$*.flags $(PRESET_FLAGS) --data_dir=$(DATA) \
-	  --model_dir=$(RUNS)/$(call RUN_NAME,$*$(if $(GLAND),_gland),$(FOLD)) --fold=$(FOLD) \
+	  --model_dir=$(RUNS)/$(call EXPERIMENT_RUN,$*,$(FOLD)) --fold=$(FOLD) \
 	  $(call GLAND_FLAGS,$(FOLD)) $(EXTRA)
 
 # All folds of one experiment, one after the other: make train-all-folds EXPERIMENT=mixplus DATA=... PRESET=cpu
@@ -67,7 +71,7 @@ train-all-folds: install check-data
 	for fold in $(FOLDS); do \
 	  $(if $(GLAND),$(call ENSURE_SEGMENTER,$$fold) || exit $$?;) \
 	  $(LABEL_REG) train --flagfile=experiments/$(EXPERIMENT).flags $(PRESET_FLAGS) --data_dir=$(DATA) \
-	    --model_dir=$(RUNS)/$(call RUN_NAME,$(EXPERIMENT)$(if $(GLAND),_gland),$$fold) --fold=$$fold \
+	    --model_dir=$(RUNS)/$(call EXPERIMENT_RUN,$(EXPERIMENT),$$fold) --fold=$$fold \
 	    $(call GLAND_FLAGS,$$fold) $(EXTRA) || exit $$?; \
 	done
 
