@@ -82,11 +82,7 @@ class Predictor:
         self._warps = {}
         from label_reg import network
         self.has_global_affine = self.is_registration and network.has_global_affine(model)
-        self._stages = None
-        if self.has_global_affine:
-            stages = network.stage_model(model)
-            self._stages = tf.function(lambda inputs: stages(inputs, training=False),
-                                       input_signature=[self.signature(1)])
+        self._stages = None  # the traced stage model, made at the first predict_stages of a global-affine network
 
     @classmethod
     def from_model_dir(cls, path, folded=True, batch_size=None):
@@ -143,8 +139,13 @@ class Predictor:
         network with the global affine stage, the affine alone (crop index x -> moving crop index
         ``A[:, :3] x + A[:, 3]``, :func:`label_reg.network.stage_model`), from one forward pass (traced once)."""
         self._require_registration()
-        if self._stages is None:
+        if not self.has_global_affine:
             return self.predict(case), None
+        if self._stages is None:
+            from label_reg import network
+            stages = network.stage_model(self.model)
+            self._stages = tf.function(lambda inputs: stages(inputs, training=False),
+                                       input_signature=[self.signature(1)])
         out = self._stages({name: tf.constant(value) for name, value in self.case_inputs(case).items()})
         return (np.asarray(out["ddf"][0].numpy(), np.float32), np.asarray(out["affine"][0].numpy(), np.float64))
 
