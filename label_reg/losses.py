@@ -60,6 +60,9 @@ def sdm_msle(fixed_sdm, warped_sdm):
         tf.reshape(fixed_sdm, [batch, -1]), tf.reshape(warped_sdm, [batch, -1]))
 
 
+BENDING_VOXELS = ("interior", "all")
+
+
 def _central_diff_wrapped(x, axis):
     """Central difference (x[i+1] - x[i-1]) / 2 along spatial ``axis`` (1..3), same length, wrapping at the ends.
 
@@ -70,14 +73,56 @@ def _central_diff_wrapped(x, axis):
     return (tf.roll(x, -1, axis) - tf.roll(x, 1, axis)) / 2.0
 
 
-def bending_energy(ddf):
-    """Bending energy of a DDF (B, D0, D1, D2, 3), per sample (B,).
+def _axis_mask(x, axis, first, last):
+    """(1, ..) float mask of ``x``'s dtype, broadcastable to ``x``: 1 where index ``first`` <= i < n - ``last`` along
+    spatial ``axis`` (1..3), else 0 (the positions a wrapped difference made wrong)."""
+    n = tf.shape(x)[axis]
+    index = tf.range(n)
+    inside = tf.cast(tf.logical_and(index >= first, index < n - last), x.dtype)
+    shape = [1, 1, 1, 1, 1]
+    shape[axis] = -1
+    return tf.reshape(inside, shape)
 
-    Mean over interior voxels (two voxels in from every face) and the three displacement components of
-    u_xx^2 + u_yy^2 + u_zz^2 + 2 (u_xy^2 + u_xz^2 + u_yz^2), with second derivatives from central differences in
-    voxel units. Exactly zero for any affine DDF (its second derivatives vanish); needs at least 5 voxels per axis.
+
+def _masked_mean(values, mask):
+    """Per-sample mean of ``values`` (B, X, Y, Z, C) over the voxels where ``mask`` is 1 (and every component)."""
+    count = tf.reduce_sum(mask * tf.ones_like(values[:1]))
+    return tf.reduce_sum(values * mask, axis=[1, 2, 3, 4]) / count
+
+
+def _check_ddf(ddf, minimum, voxels):
+    shape = ddf.shape
+    if shape.rank is not None and (shape.rank != 5 or shape[-1] != 3):
+        raise ValueError(f"bending energy needs a DDF of shape (B, X, Y, Z, 3), got {tuple(shape)}")
+    small = [n for n in shape[1:4] if n is not None and n < minimum]
+    if small:
+        raise ValueError(f"bending energy (voxels={voxels!r}) needs at least {minimum} voxels per spatial axis, "
+                         f"got {tuple(shape[1:4])}")
+
+
+def bending_energy(ddf, voxels="interior"):
+    """Bending energy of a DDF (B, X, Y, Z, 3) in voxels, per sample (B,).
+
+    The mean over voxels and the three displacement components of
+    u_xx^2 + u_yy^2 + u_zz^2 + 2 (u_xy^2 + u_xz^2 + u_yz^2), second derivatives in voxel units. Exactly zero for any
+    affine DDF (its second differences vanish) with either ``voxels``:
+
+    * ``"interior"`` (label-reg / NiftyNet, the default): each second derivative is two central differences
+      (stencil [1, 0, -2, 0, 1] / 4), averaged over the voxels two in from every face. The outer two layers enter
+      only through their neighbours' stencils, the edges and corners of that band not at all, and a field that
+      alternates from voxel to voxel costs nothing. Needs at least 5 voxels per axis.
+    * ``"all"``: compact second differences that reach every voxel: u_ii from [1, -2, 1] at the voxels one in from
+      the two faces along i, u_ij from the 2 x 2 cross difference at every cell corner; each term averaged over the
+      positions where it is defined. Same value as ``"interior"`` for smooth fields (both exact for quadratics), more
+      for high frequencies and at the faces. Needs at least 3 voxels per axis.
     """
+    if voxels not in BENDING_VOXELS:
+        raise ValueError(f"bending energy voxels must be one of {BENDING_VOXELS}, got {voxels!r}")
     ddf = tf.convert_to_tensor(ddf)
+    if voxels == "all":
+        _check_ddf(ddf, 3, voxels)
+        return _bending_energy_all(ddf)
+    _check_ddf(ddf, 5, voxels)
     first = [_central_diff_wrapped(ddf, axis) for axis in (1, 2, 3)]
     terms = []
     for i in range(3):
@@ -86,6 +131,22 @@ def bending_energy(ddf):
             terms.append(second ** 2 if i == j else 2.0 * second ** 2)
     interior = tf.add_n(terms)[:, 2:-2, 2:-2, 2:-2, :]
     return tf.reduce_mean(interior, axis=[1, 2, 3, 4])
+
+
+def _bending_energy_all(ddf):
+    """:func:`bending_energy` with ``voxels="all"``: wrapped differences (``tf.roll``, cheap to differentiate)
+    whose wrapped positions a mask leaves out of each term's mean."""
+    energy = 0.0
+    forward = {}
+    for axis in (1, 2, 3):
+        second = tf.roll(ddf, -1, axis) - 2.0 * ddf + tf.roll(ddf, 1, axis)  # right at 1 .. n-2
+        energy += _masked_mean(second ** 2, _axis_mask(ddf, axis, 1, 1))
+        forward[axis] = tf.roll(ddf, -1, axis) - ddf  # u[i+1] - u[i], right at 0 .. n-2
+    for i, j in ((1, 2), (1, 3), (2, 3)):
+        cross = tf.roll(forward[i], -1, j) - forward[i]  # right at 0 .. n-2 along i and j
+        mask = _axis_mask(ddf, i, 0, 1) * _axis_mask(ddf, j, 0, 1)
+        energy += 2.0 * _masked_mean(cross ** 2, mask)
+    return energy
 
 
 def segmentation_loss(label, probability):
@@ -165,8 +226,10 @@ def loss_weights(alpha, beta):
 
 
 def registration_loss(alpha, beta, fixed_label, warped_label, fixed_sdm, warped_sdm, ddf,
-                      sigmas=DEFAULT_SIGMAS):
+                      sigmas=DEFAULT_SIGMAS, bending_voxels="interior"):
     """The paper's L = alpha * mDSC + beta * SDM + gamma * bending, gamma = 1 - alpha - beta.
+
+    ``bending_voxels`` picks the bending energy's discretisation (:func:`bending_energy`'s ``voxels``).
 
     Returns a dict of per-sample (B,) tensors: ``total`` and each term that has a non-zero weight (unweighted).
     Terms with zero weight are not computed.
@@ -181,7 +244,7 @@ def registration_loss(alpha, beta, fixed_label, warped_label, fixed_sdm, warped_
         terms["sdm_msle"] = sdm_msle(fixed_sdm, warped_sdm)
         total += beta * terms["sdm_msle"]
     if gamma > 0:
-        terms["bending_energy"] = bending_energy(ddf)
+        terms["bending_energy"] = bending_energy(ddf, bending_voxels)
         total += gamma * terms["bending_energy"]
     terms["total"] = total + tf.zeros(tf.shape(ddf)[:1], ddf.dtype)
     return terms

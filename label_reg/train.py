@@ -3,9 +3,10 @@
 
 * Loss (:func:`loss_terms`): the network's DDF warps the moving gland mask (zero boundary) and, when ``beta > 0``,
   the moving SDM (replicate); :func:`label_reg.losses.registration_loss` weighs multiscale Dice (``alpha``), SDM
-  MSLE (``beta``) and bending energy (``1 - alpha - beta``). With ``landmark_weight > 0`` (landmark supervision,
-  Hu et al. 2018; 0 is the paper) the landmark channels of both label files, paired by index, are warped too and
-  :func:`label_reg.losses.landmark_dice` adds ``landmark_weight`` times their multiscale Dice loss.
+  MSLE (``beta``) and bending energy (``1 - alpha - beta``; ``bending_voxels`` picks its discretisation). With
+  ``landmark_weight > 0`` (landmark supervision, Hu et al. 2018; 0 is the paper) the landmark channels of both
+  label files, paired by index, are warped too and :func:`label_reg.losses.landmark_dice` adds ``landmark_weight``
+  times their multiscale Dice loss.
 * Validation (:func:`validate`) every ``validate_every`` steps on the held-out cases: median gland DSC and median
   landmark TRE in mm at the working resolution. The weights with the best validation DSC (or, with
   ``select_by="tre"``, the lowest median TRE) are written to the model directory with everything ``register``
@@ -54,13 +55,16 @@ class TrainConfig(RunConfig):
                                          "(0 = the paper: gland masks only).")
     landmark_terms: str = option("pairs", "Landmark loss: pairs (mean of each landmark pair's multiscale Dice) or "
                                           "one (one multiscale Dice over all landmark channels together).")
+    bending_voxels: str = option("interior", "Bending energy's discretisation: interior (label-reg / NiftyNet: wide "
+                                             "central differences, voxels two in from every face) or all (compact "
+                                             "second differences reaching every voxel, the crop's faces included).")
     select_by: str = option("dsc", "Validation score that picks the model kept: dsc (highest median gland DSC, "
                                    "the paper) or tre (lowest median landmark TRE).")
 
     def __post_init__(self):
         super().__post_init__()
         from label_reg.errors import InputError
-        from label_reg.losses import LANDMARK_TERMS
+        from label_reg.losses import BENDING_VOXELS, LANDMARK_TERMS
         from label_reg.network import AFFINE_POOLING
         from label_reg.preprocess import PREALIGN_MODES
         if not float(self.landmark_weight) >= 0:
@@ -68,6 +72,9 @@ class TrainConfig(RunConfig):
         if self.landmark_terms not in LANDMARK_TERMS:
             raise InputError("--landmark_terms", f"must be one of {', '.join(LANDMARK_TERMS)}, "
                                                  f"got {self.landmark_terms!r}")
+        if self.bending_voxels not in BENDING_VOXELS:
+            raise InputError("--bending_voxels", f"must be one of {', '.join(BENDING_VOXELS)}, "
+                                                 f"got {self.bending_voxels!r}")
         if self.affine_pooling not in AFFINE_POOLING:
             raise InputError("--affine_pooling", f"must be one of {', '.join(AFFINE_POOLING)}, "
                                                  f"got {self.affine_pooling!r}")
@@ -110,7 +117,7 @@ def loss_terms(batch, ddf, config):
     warped_label = warp(batch["moving_label"], ddf, "zero")
     warped_sdm = warp(batch["moving_sdm"], ddf, "replicate") if config.beta > 0 else None
     terms = registration_loss(config.alpha, config.beta, batch["fixed_label"], warped_label, batch["fixed_sdm"],
-                              warped_sdm, ddf)
+                              warped_sdm, ddf, bending_voxels=config.bending_voxels)
     if config.landmark_weight > 0:
         moving, fixed = batch["moving_landmarks"], batch["fixed_landmarks"]
         present = tf.logical_and(tf.reduce_sum(moving, axis=[1, 2, 3]) > 0, tf.reduce_sum(fixed, axis=[1, 2, 3]) > 0)

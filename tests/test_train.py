@@ -302,3 +302,23 @@ def test_landmark_training_keeps_the_lowest_tre_model(trained_model, tiny_train_
         from label_reg.errors import InputError
         with pytest.raises(InputError, match=flag):
             TrainConfig(data_dir="", model_dir="", **bad)
+
+
+def test_bending_voxels_reaches_the_training_loss(tiny_train_config):
+    import dataclasses
+
+    from label_reg.errors import InputError
+    from label_reg.train import TrainConfig, loss_terms
+    shape = (1,) + tuple(tiny_train_config.shape)
+    mask = np.zeros(shape + (1,), np.float32)
+    mask[0, 8:16, 8:16, 8:16] = 1.0
+    batch = {"moving_label": mask, "fixed_label": mask, "moving_sdm": mask, "fixed_sdm": mask}
+    ddf = np.zeros(shape + (3,), np.float32)
+    ddf[0, 0, 0, :, 0] = 3.0  # displaced along one edge of the crop only
+    energy = {}
+    for voxels in ("interior", "all"):
+        config = dataclasses.replace(tiny_train_config, bending_voxels=voxels)
+        energy[voxels] = float(loss_terms(batch, ddf, config)["bending_energy"][0])
+    assert energy["interior"] == 0.0 and energy["all"] > 1e-3
+    with pytest.raises(InputError, match="--bending_voxels"):
+        TrainConfig(data_dir="", model_dir="", bending_voxels="edges")
