@@ -472,8 +472,9 @@ def evaluate(model_dir, output_dir, data_dir=None, cases_csv=None, split="val", 
 
     Rows (module docstring): ``Coarse``; with a segmenter (carried by a ``trus_gland`` model, or ``segmenter_dir``
     for a ``trus_centre`` one) ``Coarse (found gland)`` and ``Coarse (true gland)`` and the segmenter columns; the
-    model row on the model's own pre-alignment; with ``true_gland_model_row`` the network on the true gland centre
-    too (``Coarse (true gland)`` is then always present). ``finder`` reuses a loaded
+    model row on the model's own pre-alignment, named ``method`` (default :func:`method_name`; on a ``trus_gland``
+    model a given name gets " (found gland)" appended, as the default has it); with ``true_gland_model_row`` the
+    network on the true gland centre too (``<name> (true gland)``; ``Coarse (true gland)`` is then always present). ``finder`` reuses a loaded
     :class:`label_reg.segmenter.GlandFinder` of that segmenter.
 
     The output folder is checked writable before the model loads; every case's inputs are read and checked before
@@ -493,10 +494,16 @@ def _evaluate(model_dir, output_dir, data_dir, cases_csv, split, fold, method, c
     if evaluator is None:
         evaluator = Evaluator.from_model_dir(model_dir)
     info, config = evaluator.info, evaluator.preprocess_config
+    gland = config.prealign == "trus_gland"
+    if method and gland:
+        if method.endswith(TRUE_SUFFIX):
+            raise InputError("--method", f"'{method}': this model's row is scored on the found gland; name it "
+                                         f"without '{TRUE_SUFFIX}' (the true-gland row gets that suffix)")
+        if not method.endswith(FOUND_SUFFIX):
+            method += FOUND_SUFFIX  # told apart from its true-gland row, as the default name is
     method = method or method_name(info)
     if method in PREALIGNMENT_ROWS:
         raise InputError("--method", f"'{method}' is reserved for the pre-alignment rows")
-    gland = config.prealign == "trus_gland"
     segmenter = _segmenter_source(model_dir, info, config, segmenter_dir)
     data_dir, pairs, chosen_fold = resolve_cases(info, data_dir, cases_csv, split, fold)
     if segmenter is not None and finder is None:

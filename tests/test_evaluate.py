@@ -291,6 +291,28 @@ def test_gland_model_rows_columns_and_summary(evaluated_gland, phantom_dir):
     assert figures and all(name.split("_")[0] in ("best", "median", "worst") for name in figures)
 
 
+def test_a_given_method_name_is_suffixed_on_a_gland_model_like_the_default(gland_model, evaluated_gland, phantom_dir,
+                                                                            tmp_path):
+    """--method on a trus_gland model: the rows read 'NAME (found gland)' and 'NAME (true gland)' (not a bare NAME
+    beside a suffixed true-gland row), with the scores of the default-named run; a name that claims the true gland
+    is refused before anything is written."""
+    from label_reg.errors import InputError
+    from label_reg.evaluate import evaluate
+
+    default = pd.read_csv(evaluated_gland[0] / "per_case.csv")
+    result = evaluate(gland_model, tmp_path / "named", data_dir=phantom_dir, method="MINE", progress=False,
+                      true_gland_model_row=True, stream=io.StringIO(), cache_dir=tmp_path / "cache")
+    df = result.per_case
+    assert set(df["method"]) - set(GLAND_METHODS) == {"MINE (found gland)", "MINE (true gland)"}
+    for row in ("found gland", "true gland"):
+        np.testing.assert_allclose(_by(df, f"MINE ({row})")["tre_world_mm"],
+                                   _by(default, f"MIX+ ({row})")["tre_world_mm"], rtol=1e-6)
+    with pytest.raises(InputError, match="--method"):
+        evaluate(gland_model, tmp_path / "refused", data_dir=phantom_dir, method="MINE (true gland)", progress=False,
+                 stream=io.StringIO())
+    assert not (tmp_path / "refused").exists()
+
+
 def test_found_gland_prealignment_beats_the_volume_centre(evaluated_gland):
     """On the phantoms the TRUS gland is 4-10 mm off the TRUS volume centre: pre-aligning on the gland the
     segmenter finds brings the landmarks closer, and on the true gland centre closest (the ceiling)."""

@@ -30,7 +30,8 @@ flags.DEFINE_integer("fold", None, "Evaluate validation fold K of the model's k-
 flags.DEFINE_string("output_dir", None, "Folder for per_case.csv, summary.md and figures/.")
 flags.DEFINE_boolean("figures", False, "Also write PNG figures of the best, median and worst case by DSC.")
 flags.DEFINE_string("method", None, "Method name in the tables (default: from the loss weights: mDSC, SDM, MIX, "
-                                    "MIX+).")
+                                    "MIX+). A trus_gland model's rows get ' (found gland)' and ' (true gland)' "
+                                    "appended, as the default names do.")
 flags.DEFINE_string("cache_dir", None, "Folder for pre-processed cases (default: OUT/.cache).")
 flags.DEFINE_boolean("progress", True, "Print a line per case to stderr.")
 flags.DEFINE_string("segmenter_dir", None, "TRUS gland segmenter model directory: adds the 'Coarse (found gland)' and "
