@@ -60,3 +60,15 @@ def test_reuse_from_refuses_an_unfinished_or_incomplete_study_and_itself(tmp_pat
     (earlier / "rotation_summary.json").write_text("{not json")
     message = refusal(capsys, ["--output_dir", str(tmp_path / "new"), "--reuse_from", str(earlier)])
     assert "unreadable" in message
+
+
+def test_reuse_from_reads_a_setting_older_studies_do_not_record_as_its_value_then(tmp_path, capsys):
+    """Studies made before --augment_rotation_deg existed trained without rotation augmentation: 0 matches them."""
+    earlier = finished_study(tmp_path / "earlier")
+    summary = json.loads((earlier / "rotation_summary.json").read_text())
+    del summary["args"]["augment_rotation_deg"]
+    (earlier / "rotation_summary.json").write_text(json.dumps(summary))
+    assert study.parse_args(["--output_dir", str(tmp_path / "new"), "--reuse_from", str(earlier)]).reused_summary
+    message = refusal(capsys, ["--output_dir", str(tmp_path / "new"), "--reuse_from", str(earlier),
+                               "--augment_rotation_deg", "30"])
+    assert "--augment_rotation_deg 0.0 there, 30.0 here" in message

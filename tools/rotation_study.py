@@ -33,6 +33,8 @@ COARSE_FOUND = "Coarse (found TRUS gland)"
 SHARED_SETTINGS = ("num_pairs", "num_heldout", "max_rotation_deg", "test_rotation_deg", "num_steps", "segmenter_steps",
                    "landmark_weight", "augment_rotation_deg", "spacing_mm", "shape", "seed")
 REUSED = ("phantoms", "heldout", "segmenter", "model")  # what --reuse_from copies
+# Settings added after the first studies were made, with the value a study that does not record one was made with.
+IMPLIED_BEFORE_RECORDED = {"augment_rotation_deg": 0.0}
 
 
 def parse_args(argv=None):
@@ -83,7 +85,8 @@ def parse_args(argv=None):
 
 def reusable_study(directory, args):
     """The ``rotation_summary.json`` of the finished study in ``directory`` if it made its phantoms, segmenter and
-    plain MIX+ with ``args``' settings (:data:`SHARED_SETTINGS`) and holds them; ValueError naming what differs."""
+    plain MIX+ with ``args``' settings (:data:`SHARED_SETTINGS`; one it does not record because it predates it has
+    its :data:`IMPLIED_BEFORE_RECORDED` value) and holds them; ValueError naming what differs."""
     directory = pathlib.Path(directory)
     summary_file = directory / "rotation_summary.json"
     if not summary_file.is_file():
@@ -93,6 +96,7 @@ def reusable_study(directory, args):
         earlier = summary["args"]
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"--reuse_from {summary_file}: unreadable ({err})") from None
+    earlier = {**IMPLIED_BEFORE_RECORDED, **earlier}
     differ = [f"--{name} {earlier.get(name)!r} there, {getattr(args, name)!r} here" for name in SHARED_SETTINGS
               if earlier.get(name) != getattr(args, name)]
     if differ:
