@@ -474,8 +474,8 @@ def evaluate(model_dir, output_dir, data_dir=None, cases_csv=None, split="val", 
     for a ``trus_centre`` one) ``Coarse (found gland)`` and ``Coarse (true gland)`` and the segmenter columns; the
     model row on the model's own pre-alignment, named ``method`` (default :func:`method_name`; on a ``trus_gland``
     model a given name gets " (found gland)" appended, as the default has it); with ``true_gland_model_row`` the
-    network on the true gland centre too (``<name> (true gland)``; ``Coarse (true gland)`` is then always present). ``finder`` reuses a loaded
-    :class:`label_reg.segmenter.GlandFinder` of that segmenter.
+    network on the true gland centre too (``<name> (true gland)``; ``Coarse (true gland)`` is then always present).
+    ``finder`` reuses a loaded :class:`label_reg.segmenter.GlandFinder` of that segmenter.
 
     The output folder is checked writable before the model loads; every case's inputs are read and checked before
     any case is scored; a run that fails leaves no output folder or cache it created behind."""
