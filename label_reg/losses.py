@@ -6,6 +6,7 @@
 * :func:`segmentation_loss` - soft Dice + cross-entropy of the TRUS gland segmenter (:mod:`label_reg.segmenter`).
 * :func:`landmark_dice` - multiscale Dice over paired landmark channels (landmark-supervised training, Hu et al.
   2018), absent pairs skipped.
+* :func:`fixed_view_mask` - where the TRUS image says anything, to keep the label losses there.
 
 :func:`registration_loss` combines them as L = alpha * mDSC + beta * SDM + (1 - alpha - beta) * bending.
 Every loss is registered by name in :data:`LOSSES` so a flag can pick it (:func:`get_loss`).
@@ -147,6 +148,19 @@ def _bending_energy_all(ddf):
         mask = _axis_mask(ddf, i, 0, 1) * _axis_mask(ddf, j, 0, 1)
         energy += 2.0 * _masked_mean(cross ** 2, mask)
     return energy
+
+
+def fixed_view_mask(fixed_image, margin=2):
+    """Where the TRUS image says anything: (B, X, Y, Z, 1) float 0/1, 1 within ``margin`` voxels of a voxel whose
+    fixed image is above 0 (the pre-processed image is 0 outside the TRUS volume and at its minimum; the margin
+    keeps isolated minimum voxels inside the image in). ``fixed_image`` (B, X, Y, Z, 1)."""
+    fixed_image = tf.convert_to_tensor(fixed_image)
+    if fixed_image.shape.rank is not None and (fixed_image.shape.rank != 5 or fixed_image.shape[-1] != 1):
+        raise ValueError(f"fixed_view_mask needs a fixed image of shape (B, X, Y, Z, 1), "
+                         f"got {tuple(fixed_image.shape)}")
+    inside = tf.cast(fixed_image > 0, fixed_image.dtype)
+    size = 2 * int(margin) + 1
+    return tf.nn.max_pool3d(inside, size, 1, "SAME") if margin > 0 else inside
 
 
 def segmentation_loss(label, probability):

@@ -6,7 +6,8 @@
   MSLE (``beta``) and bending energy (``1 - alpha - beta``; ``bending_voxels`` picks its discretisation). With
   ``landmark_weight > 0`` (landmark supervision, Hu et al. 2018; 0 is the paper) the landmark channels of both
   label files, paired by index, are warped too and :func:`label_reg.losses.landmark_dice` adds ``landmark_weight``
-  times their multiscale Dice loss.
+  times their multiscale Dice loss. With ``label_loss_in_view`` the gland Dice and SDM terms see only the voxels
+  where the TRUS image says anything (:func:`label_reg.losses.fixed_view_mask`).
 * Validation (:func:`validate`) every ``validate_every`` steps on the held-out cases: median gland DSC and median
   landmark TRE in mm at the working resolution. The weights with the best validation DSC (or, with
   ``select_by="tre"``, the lowest median TRE) are written to the model directory with everything ``register``
@@ -58,6 +59,10 @@ class TrainConfig(RunConfig):
     bending_voxels: str = option("interior", "Bending energy's discretisation: interior (label-reg / NiftyNet: wide "
                                              "central differences, voxels two in from every face) or all (compact "
                                              "second differences reaching every voxel, the crop's faces included).")
+    label_loss_in_view: bool = option(False, "Leave the crop's voxels outside the TRUS image (fixed image 0 there "
+                                             "and 2 voxels around) out of the gland Dice and SDM losses: a TRUS "
+                                             "mask cut by the TRUS volume's face is unknown beyond it, not "
+                                             "background (False = the paper: the whole crop).")
     select_by: str = option("dsc", "Validation score that picks the model kept: dsc (highest median gland DSC, "
                                    "the paper) or tre (lowest median landmark TRE).")
 
@@ -113,10 +118,16 @@ def loss_terms(batch, ddf, config):
     when both its channels are non-empty), plus ``dsc``, the hard gland Dice of the warped moving mask (>= 0.5), for
     monitoring only."""
     from label_reg.layers import warp
-    from label_reg.losses import landmark_dice, registration_loss, soft_dice
+    from label_reg.losses import fixed_view_mask, landmark_dice, registration_loss, soft_dice
     warped_label = warp(batch["moving_label"], ddf, "zero")
     warped_sdm = warp(batch["moving_sdm"], ddf, "replicate") if config.beta > 0 else None
-    terms = registration_loss(config.alpha, config.beta, batch["fixed_label"], warped_label, batch["fixed_sdm"],
+    fixed_label, scored_label = batch["fixed_label"], warped_label
+    if config.label_loss_in_view:  # outside the TRUS image both masks are cut and the SDMs agree: no pull there
+        view = fixed_view_mask(batch["fixed_image"])
+        fixed_label, scored_label = fixed_label * view, warped_label * view
+        if warped_sdm is not None:
+            warped_sdm = view * warped_sdm + (1.0 - view) * batch["fixed_sdm"]
+    terms = registration_loss(config.alpha, config.beta, fixed_label, scored_label, batch["fixed_sdm"],
                               warped_sdm, ddf, bending_voxels=config.bending_voxels)
     if config.landmark_weight > 0:
         moving, fixed = batch["moving_landmarks"], batch["fixed_landmarks"]

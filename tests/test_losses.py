@@ -146,6 +146,18 @@ def test_bending_energy_checks_its_input():
     assert losses.bending_energy(np.zeros((1, 3, 3, 3, 3), np.float32), "all").numpy()[0] == 0
 
 
+def test_fixed_view_mask_covers_the_image_and_its_margin_only():
+    image = np.full((1,) + SHAPE + (1,), 0.4, np.float32)
+    image[:, :, :, 18:] = 0.0  # past the TRUS volume's face
+    image[:, 5, 5, 5] = 0.0  # an isolated minimum voxel inside the image
+    view = losses.fixed_view_mask(image).numpy()
+    assert view.shape == image.shape and set(np.unique(view)) == {0.0, 1.0}
+    assert view[:, :, :, :20].min() == 1.0 and view[:, :, :, 20:].max() == 0.0  # 2 voxels of margin past the face
+    assert np.array_equal(losses.fixed_view_mask(image, margin=0).numpy(), (image > 0).astype(np.float32))
+    with pytest.raises(ValueError, match="shape"):
+        losses.fixed_view_mask(image[..., 0])
+
+
 def test_registration_loss_weights_and_registry():
     fixed = _sphere(SHAPE, (12, 12, 12), 5)[None, ..., None]
     sdm = np.zeros_like(fixed)

@@ -322,3 +322,37 @@ def test_bending_voxels_reaches_the_training_loss(tiny_train_config):
     assert energy["interior"] == 0.0 and energy["all"] > 1e-3
     with pytest.raises(InputError, match="--bending_voxels"):
         TrainConfig(data_dir="", model_dir="", bending_voxels="edges")
+
+
+def test_label_loss_in_view_ignores_the_gland_beyond_the_trus_volume(tiny_train_config):
+    """A TRUS gland mask cut by the TRUS volume's face, an MR gland that goes on past it: with label_loss_in_view
+    the gland losses are those of the MR gland cut at the same place (what lies past the face does not count), and
+    without it they are not."""
+    import dataclasses
+
+    from label_reg.preprocess import signed_distance_map
+    from label_reg.train import loss_terms
+    shape = tuple(tiny_train_config.shape)
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1)
+    gland = (np.linalg.norm((grid - [16, 16, 20]) / [7, 7, 10], axis=-1) <= 1).astype(np.float32)
+    image = np.full(shape, 0.5, np.float32)
+    image[:, :, 24:] = 0.0  # the TRUS volume ends at z = 24
+    cut = gland.copy()
+    cut[:, :, 24:] = 0.0
+    inside_view = cut.copy()
+    inside_view[:, :, 24:26] = gland[:, :, 24:26]  # the view's 2-voxel margin past the face
+
+    def batch(moving):
+        sdm = lambda m: signed_distance_map(m > 0.5, (1.0, 1.0, 1.0))[None, ..., None]  # noqa: E731
+        return {"moving_label": moving[None, ..., None], "fixed_label": cut[None, ..., None],
+                "moving_sdm": sdm(moving), "fixed_sdm": sdm(cut), "fixed_image": image[None, ..., None],
+                "moving_image": image[None, ..., None]}
+
+    ddf = np.zeros((1,) + shape + (3,), np.float32)
+    on = dataclasses.replace(tiny_train_config, label_loss_in_view=True)
+    whole, trimmed = loss_terms(batch(gland), ddf, on), loss_terms(batch(inside_view), ddf, on)
+    for term in ("multiscale_dice", "sdm_msle"):
+        assert float(whole[term][0]) == pytest.approx(float(trimmed[term][0]), abs=1e-6)
+    plain = loss_terms(batch(gland), ddf, tiny_train_config)
+    assert float(plain["multiscale_dice"][0]) > float(whole["multiscale_dice"][0]) + 1e-3
+    assert float(plain["sdm_msle"][0]) > float(whole["sdm_msle"][0])
