@@ -86,9 +86,9 @@ def _axis_mask(x, axis, first, last):
 
 
 def _masked_mean(values, mask):
-    """Per-sample mean of ``values`` (B, X, Y, Z, C) over the voxels where ``mask`` is 1 (and every component)."""
-    count = tf.reduce_sum(mask * tf.ones_like(values[:1]))
-    return tf.reduce_sum(values * mask, axis=[1, 2, 3, 4]) / count
+    """Per-sample mean of ``values`` (B, X, Y, Z, C) over the voxels where ``mask`` is 1 (and every component).
+    ``mask`` is a product of per-axis masks, so its own mean is the fraction of voxels it keeps."""
+    return tf.reduce_mean(values * mask, axis=[1, 2, 3, 4]) / tf.reduce_mean(mask)
 
 
 def _check_ddf(ddf, minimum, voxels):

@@ -59,7 +59,7 @@ def read_scalars(run, tags):
             if tag in available:
                 for event in accumulator.Tensors(tag):
                     values[(event.step, tag)] = float(tensor_util.make_ndarray(event.tensor_proto))
-    missing = [tag for tag in tags if not any(t == tag for _, t in values)]
+    missing = [tag for tag in tags if tag not in {t for _, t in values}]
     if missing:
         known = ", ".join(sorted(t for t in seen if not t.startswith("train/"))) or "none"
         raise CurveError(f"{logs}: no scalar {', '.join(missing)} (validation tags there: {known})")
@@ -121,7 +121,7 @@ def markdown(long, tags, kept):
             series = long[(long["run"] == run) & (long["tag"] == tag)].set_index("step")["value"]
             step = series.idxmin() if lower_is_better(tag) else series.idxmax()
             cells.append(f"{series[step]:.3f} at {step} (last {series.iloc[-1]:.3f} at {series.index[-1]})")
-        lines.append(f"| {run} | {kept.get(run, '–') if kept.get(run) is not None else '–'} | "
+        lines.append(f"| {run} | {'–' if kept.get(run) is None else kept[run]} | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
