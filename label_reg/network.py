@@ -203,6 +203,17 @@ def affine_pooling_of(model):
     return "flatten" if any(layer.name == f"{AFFINE_HEAD}_flatten" for layer in model.layers) else "average"
 
 
+def affine_parameters_model(model):
+    """A ``keras.Model`` with ``model``'s dict inputs (sharing its layers and weights) whose outputs are the dict
+    ``{"ddf": total DDF (B, D0, D1, D2, 3), "affine_theta": (B, 12)}``, the affine head's parameters
+    (:func:`label_reg.layers.affine_parts`), for a loss that also scores the affine stage alone (``label-reg train
+    --affine_label_weight``). Refuses (ValueError) a network without the stage."""
+    if not has_global_affine(model):
+        raise ValueError(f"model {model.name!r} has no global affine stage (build it with global_affine=True)")
+    return keras.Model(model.input, {"ddf": model.output, "affine_theta": model.get_layer(AFFINE_HEAD).output},
+                       name=f"{model.name}_with_affine")
+
+
 def stage_model(model):
     """A ``keras.Model`` with ``model``'s dict inputs (sharing its layers and weights) whose outputs are the dict
     ``{"ddf": total DDF (B, D0, D1, D2, 3), "ddf_local": local DDF (B, D0, D1, D2, 3), "affine": (B, 3, 4)}`` for a

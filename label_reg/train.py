@@ -7,7 +7,9 @@
   ``landmark_weight > 0`` (landmark supervision, Hu et al. 2018; 0 is the paper) the landmark channels of both
   label files, paired by index, are warped too and :func:`label_reg.losses.landmark_dice` adds ``landmark_weight``
   times their multiscale Dice loss. With ``label_loss_in_view`` the gland Dice and SDM terms see only the voxels
-  where the TRUS image says anything (:func:`label_reg.losses.fixed_view_mask`).
+  where the TRUS image says anything (:func:`label_reg.losses.fixed_view_mask`). With ``global_affine`` and
+  ``affine_label_weight > 0`` the same label losses are scored again on the affine stage's field alone
+  (:func:`affine_label_loss`) and added with that weight, so the stage has to do the global alignment itself.
 * Validation (:func:`validate`) every ``validate_every`` steps on the held-out cases: median gland DSC and median
   landmark TRE in mm at the working resolution. The weights with the best validation DSC (or, with
   ``select_by="tre"``, the lowest median TRE) are written to the model directory with everything ``register``
@@ -63,6 +65,11 @@ class TrainConfig(RunConfig):
                                              "and 2 voxels around) out of the gland Dice and SDM losses: a TRUS "
                                              "mask cut by the TRUS volume's face is unknown beyond it, not "
                                              "background (False = the paper: the whole crop).")
+    affine_label_weight: float = option(0.0, "With --global_affine, weight of the label losses (gland Dice and "
+                                             "SDM with --alpha/--beta, landmarks with --landmark_weight) scored "
+                                             "again on the affine stage's field alone, so that the stage makes the "
+                                             "global part of the alignment itself rather than leaving it to the "
+                                             "local DDF (0 = off: the stage learns through the total field only).")
     select_by: str = option("dsc", "Validation score that picks the model kept: dsc (highest median gland DSC, "
                                    "the paper) or tre (lowest median landmark TRE).")
 
@@ -77,6 +84,10 @@ class TrainConfig(RunConfig):
         if self.landmark_terms not in LANDMARK_TERMS:
             raise InputError("--landmark_terms", f"must be one of {', '.join(LANDMARK_TERMS)}, "
                                                  f"got {self.landmark_terms!r}")
+        if not float(self.affine_label_weight) >= 0:
+            raise InputError("--affine_label_weight", f"must be >= 0, got {self.affine_label_weight!r}")
+        if self.affine_label_weight > 0 and not self.global_affine:
+            raise InputError("--affine_label_weight", "needs --global_affine (it scores the affine stage alone)")
         if self.bending_voxels not in BENDING_VOXELS:
             raise InputError("--bending_voxels", f"must be one of {', '.join(BENDING_VOXELS)}, "
                                                  f"got {self.bending_voxels!r}")
@@ -111,14 +122,12 @@ def build_model(config):
     return build(**config.build_args())
 
 
-def loss_terms(batch, ddf, config):
-    """The training loss of a batch dict and the network's DDF (B, X, Y, Z, 3): per-sample (B,) terms of
-    :func:`label_reg.losses.registration_loss` (``total`` and each weighted term; with ``landmark_weight > 0`` also
-    ``landmark_dice``, from the batch's ``moving_landmarks`` / ``fixed_landmarks`` (B, X, Y, Z, L), a pair counting
-    when both its channels are non-empty), plus ``dsc``, the hard gland Dice of the warped moving mask (>= 0.5), for
-    monitoring only."""
+def _label_views(batch, ddf, config):
+    """The batch's gland labels as the gland losses see them under ``ddf``: (fixed gland, warped moving gland as
+    scored, warped moving SDM as scored or None when ``beta == 0``, warped moving gland), all (B, X, Y, Z, 1); with
+    ``label_loss_in_view`` both glands are cut to the TRUS view and the SDMs agree outside it."""
     from label_reg.layers import warp
-    from label_reg.losses import fixed_view_mask, landmark_dice, registration_loss, soft_dice
+    from label_reg.losses import fixed_view_mask
     warped_label = warp(batch["moving_label"], ddf, "zero")
     warped_sdm = warp(batch["moving_sdm"], ddf, "replicate") if config.beta > 0 else None
     fixed_label, scored_label = batch["fixed_label"], warped_label
@@ -127,13 +136,63 @@ def loss_terms(batch, ddf, config):
         fixed_label, scored_label = fixed_label * view, warped_label * view
         if warped_sdm is not None:
             warped_sdm = view * warped_sdm + (1.0 - view) * batch["fixed_sdm"]
+    return fixed_label, scored_label, warped_sdm, warped_label
+
+
+def _landmark_loss(batch, ddf, config):
+    """:func:`label_reg.losses.landmark_dice` (B,) of the batch's landmark channels under ``ddf``; a pair counts when
+    both its channels are non-empty."""
+    from label_reg.layers import warp
+    from label_reg.losses import landmark_dice
+    moving, fixed = batch["moving_landmarks"], batch["fixed_landmarks"]
+    present = tf.logical_and(tf.reduce_sum(moving, axis=[1, 2, 3]) > 0, tf.reduce_sum(fixed, axis=[1, 2, 3]) > 0)
+    return landmark_dice(fixed, warp(moving, ddf, "zero"), present, config.landmark_terms)
+
+
+def affine_label_loss(batch, theta, spatial_shape, config):
+    """The label part of the training loss scored on the global affine stage's field alone (no bending: an affine
+    field has none), per sample (B,): ``alpha`` mDSC + ``beta`` SDM MSLE + ``landmark_weight`` landmark Dice, under
+    the DDF of the affine head's parameters theta (B, 12) (:func:`label_reg.layers.affine_ddf` on the static
+    ``spatial_shape`` (X, Y, Z)). Zero when the affine stage alone aligns the labels perfectly."""
+    from label_reg.layers import affine_ddf
+    from label_reg.losses import loss_weights, multiscale_dice, sdm_msle
+    ddf = affine_ddf(theta, [int(n) for n in spatial_shape])
+    fixed_label, scored_label, warped_sdm, _ = _label_views(batch, ddf, config)
+    alpha, beta, _ = loss_weights(config.alpha, config.beta)
+    loss = tf.zeros(tf.shape(ddf)[:1], ddf.dtype)
+    if alpha > 0:
+        loss += alpha * multiscale_dice(fixed_label, scored_label)
+    if beta > 0:
+        loss += beta * sdm_msle(batch["fixed_sdm"], warped_sdm)
+    if config.landmark_weight > 0:
+        loss += float(config.landmark_weight) * _landmark_loss(batch, ddf, config)
+    return loss
+
+
+def loss_terms(batch, output, config):
+    """The training loss of a batch dict and the network's output: per-sample (B,) terms of
+    :func:`label_reg.losses.registration_loss` (``total`` and each weighted term; with ``landmark_weight > 0`` also
+    ``landmark_dice``, from the batch's ``moving_landmarks`` / ``fixed_landmarks`` (B, X, Y, Z, L), a pair counting
+    when both its channels are non-empty), plus ``dsc``, the hard gland Dice of the warped moving mask (>= 0.5), for
+    monitoring only.
+
+    output: the DDF (B, X, Y, Z, 3), or with ``affine_label_weight > 0`` the dict ``{"ddf", "affine_theta" (B, 12)}``
+    of :func:`label_reg.network.affine_parameters_model`, which adds ``affine_labels``
+    (:func:`affine_label_loss`), weighted by ``affine_label_weight`` in ``total``."""
+    from label_reg.losses import registration_loss, soft_dice
+    ddf, theta = (output["ddf"], output.get("affine_theta")) if isinstance(output, dict) else (output, None)
+    fixed_label, scored_label, warped_sdm, warped_label = _label_views(batch, ddf, config)
     terms = registration_loss(config.alpha, config.beta, fixed_label, scored_label, batch["fixed_sdm"],
                               warped_sdm, ddf, bending_voxels=config.bending_voxels)
     if config.landmark_weight > 0:
-        moving, fixed = batch["moving_landmarks"], batch["fixed_landmarks"]
-        present = tf.logical_and(tf.reduce_sum(moving, axis=[1, 2, 3]) > 0, tf.reduce_sum(fixed, axis=[1, 2, 3]) > 0)
-        terms["landmark_dice"] = landmark_dice(fixed, warp(moving, ddf, "zero"), present, config.landmark_terms)
+        terms["landmark_dice"] = _landmark_loss(batch, ddf, config)
         terms["total"] = terms["total"] + float(config.landmark_weight) * terms["landmark_dice"]
+    if config.affine_label_weight > 0:
+        if theta is None:
+            raise ValueError("affine_label_weight > 0 needs the output dict {'ddf', 'affine_theta'} "
+                             "(label_reg.network.affine_parameters_model), got the DDF alone")
+        terms["affine_labels"] = affine_label_loss(batch, theta, ddf.shape[1:4], config)
+        terms["total"] = terms["total"] + float(config.affine_label_weight) * terms["affine_labels"]
     terms["dsc"] = soft_dice(batch["fixed_label"], tf.cast(warped_label >= 0.5, warped_label.dtype))
     return terms
 
@@ -194,7 +253,8 @@ REGISTRATION = Task(
 
 def registration_task(config, train_cases=(), val_cases=()):
     """:data:`REGISTRATION` as ``config`` asks for it: the landmark volumes in the batches with
-    ``landmark_weight > 0``, and the model kept by ``select_by``. Refuses (``InputError``) landmark training
+    ``landmark_weight > 0``, the affine head's parameters in the training output with ``affine_label_weight > 0``,
+    and the model kept by ``select_by``. Refuses (``InputError``) landmark training
     without landmark pairs in ``train_cases`` and TRE selection without them in ``val_cases``."""
     from label_reg.errors import InputError
     task = REGISTRATION
@@ -203,6 +263,10 @@ def registration_task(config, train_cases=(), val_cases=()):
             raise InputError(config.data_dir, "--landmark_weight > 0 but no training pair has landmarks (label "
                                               "channels beyond the gland in both label files)")
         task = dataclasses.replace(task, keys=TRAINING_KEYS + LANDMARK_KEYS, shown=("dsc", "landmark_dice"))
+    if config.affine_label_weight > 0:
+        from label_reg.network import affine_parameters_model
+        task = dataclasses.replace(task, forward=lambda model, _config: affine_parameters_model(model),
+                                   shown=task.shown + ("affine_labels",))
     if config.select_by == "tre":
         if val_cases and not any(landmark_count(c) for c in val_cases):
             raise InputError(config.data_dir, "--select_by=tre but no validation pair has landmarks")

@@ -113,6 +113,9 @@ class Task:
     shown: training terms shown in the progress bar besides ``loss`` (= ``total``).
     validation_names: {result key: (progress-bar name, TensorBoard tag)}; other keys are not shown or logged.
     minimise: keys of ``validate``'s result where smaller is better (e.g. a registration error in mm).
+    forward: optional ``(model, config) -> keras.Model`` over the same inputs and weights whose output is what
+    ``loss`` receives in training (e.g. a dict with an inner layer's output too); default: the model itself.
+    Validation and the saved model use the model itself.
     """
 
     build_model: Callable
@@ -126,6 +129,7 @@ class Task:
     shown: tuple = ()
     validation_names: dict = dataclasses.field(default_factory=dict)
     minimise: tuple = ()
+    forward: Optional[Callable] = None
 
     def score(self, result):
         """The selection score of a validation result, larger is better (NaN never wins)."""
@@ -191,6 +195,7 @@ class Trainer:
             self.model = task.build_model(config)
             self.optimizer = tf.keras.optimizers.Adam(float(config.learning_rate))
             self.optimizer.build(self.model.trainable_variables)
+            self.forward = task.forward(self.model, config) if task.forward else self.model
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
             # The best Task.score so far; checkpointed as "best_dsc" so older checkpoints resume.
             self.best = tf.Variable(float("-inf"), dtype=tf.float64, trainable=False, name="best_dsc")
@@ -212,7 +217,7 @@ class Trainer:
 
         def replica_step(batch):
             with tf.GradientTape() as tape:
-                output = self.model(self.predictor.feed(batch), training=True)
+                output = self.forward(self.predictor.feed(batch), training=True)
                 terms = task.loss(batch, output, config)
                 loss = tf.nn.compute_average_loss(terms["total"], global_batch_size=global_batch)
             grads = tape.gradient(loss, self.model.trainable_variables)

@@ -490,20 +490,86 @@ def test_the_affine_stage_registers_a_25_degree_rotated_pair_better_than_the_pre
 
 
 # ------------------------------------------------------------------------------------------------ training
+def _shifted_gland_batch(shift):
+    """A batch of one: a TRUS gland (ellipsoid) and landmark, and the MR ones shifted by ``shift`` voxels (so the
+    warp ``moving(x + d)`` aligns them for d = ``shift``), with their SDMs, on the TINY grid."""
+    from label_reg.preprocess import signed_distance_map
+    x = _grid(TINY.shape)
+    centre, blob = np.array([15.5, 15.5, 15.5]), np.array([12.0, 17.0, 15.0])
+
+    def volumes(offset):
+        gland = (np.linalg.norm((x - centre - offset) / [8, 6, 7], axis=-1) <= 1).astype(np.float32)
+        landmark = (np.linalg.norm(x - blob - offset, axis=-1) <= 2.5).astype(np.float32)
+        sdm = signed_distance_map(gland > 0.5, (1.0, 1.0, 1.0)).astype(np.float32)
+        return gland[None, ..., None], landmark[None, ..., None], sdm[None, ..., None]
+
+    fixed, moving = volumes(np.zeros(3)), volumes(np.asarray(shift, np.float64))
+    image = np.full((1,) + TINY.shape + (1,), 0.5, np.float32)
+    return {"fixed_label": fixed[0], "fixed_landmarks": fixed[1], "fixed_sdm": fixed[2], "moving_label": moving[0],
+            "moving_landmarks": moving[1], "moving_sdm": moving[2], "fixed_image": image, "moving_image": image}
+
+
+def test_the_affine_label_loss_scores_the_affine_stage_alone(tiny_train_config):
+    """``--affine_label_weight``: the extra term is the label part of the training loss (gland Dice and SDM with
+    alpha/beta, landmarks with their weight, no bending) under the affine head's field alone, whatever the local
+    DDF; an affine that undoes a known shift brings it down to the score of a pair with nothing to undo; ``total``
+    carries it with its weight."""
+    from label_reg.train import TrainConfig, affine_label_loss, loss_terms
+    shift = np.array([3.0, -2.0, 1.0])
+    batch = _shifted_gland_batch(shift)
+    config = dataclasses.replace(tiny_train_config, shape=TINY.shape, landmark_weight=0.3, global_affine=True,
+                                 affine_label_weight=0.5)
+    half = (np.asarray(TINY.shape) - 1) / 2
+    undo = _theta(np.eye(3), shift / half)[None]
+    identity = np.zeros((1, 12), np.float32)
+    for theta in (identity, undo, _theta(_rotation((0, 0, 1), 10.0), [0.05, 0.0, 0.0])[None]):
+        field = layers.affine_ddf(theta, TINY.shape)
+        plain = loss_terms(batch, field, dataclasses.replace(config, affine_label_weight=0.0))
+        expected = 0.05 * plain["multiscale_dice"] + 0.45 * plain["sdm_msle"] + 0.3 * plain["landmark_dice"]
+        got = affine_label_loss(batch, theta, TINY.shape, config)
+        np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-5)
+        # In the training loss the term sees the affine alone, not the total field the local DDF adds to.
+        local = _smooth_field(np.random.default_rng(1), TINY.shape, 2.0)
+        terms = loss_terms(batch, {"ddf": field + local, "affine_theta": theta}, config)
+        np.testing.assert_allclose(terms["affine_labels"].numpy(), got.numpy(), rtol=1e-5)
+        without = loss_terms(batch, field + local, dataclasses.replace(config, affine_label_weight=0.0))
+        np.testing.assert_allclose(terms["total"].numpy(), (without["total"] + 0.5 * got).numpy(), rtol=1e-5)
+    # An integer shift undone exactly scores what a pair with nothing to undo scores (smoothed Dice is not 0 there;
+    # the warped SDM differs only in the layers the shift brings in from the edge, replicated).
+    aligned, off = (float(affine_label_loss(batch, t, TINY.shape, config)[0]) for t in (undo, identity))
+    floor = float(affine_label_loss(_shifted_gland_batch(np.zeros(3)), identity, TINY.shape, config)[0])
+    assert aligned == pytest.approx(floor, abs=3e-3) and aligned < off - 0.1, (aligned, floor, off)
+    with pytest.raises(ValueError, match="affine_theta"):
+        loss_terms(batch, layers.affine_ddf(undo, TINY.shape), config)
+    for bad, message in (({"affine_label_weight": -0.1}, "must be >= 0"),
+                         ({"affine_label_weight": 0.5}, "needs --global_affine")):
+        with pytest.raises(InputError, match=f"--affine_label_weight: {message}"):
+            TrainConfig(data_dir="", model_dir="", **bad)
+
+
 def test_training_with_the_stage_saves_it_and_register_writes_the_affine(tiny_train_config, phantom_dir, tmp_path):
-    """A few training steps with ``global_affine``: the trainer's loss takes the total DDF, the model directory
-    records the stage, and ``register`` writes the affine the network predicts."""
+    """A few training steps with ``global_affine`` and ``affine_label_weight``: the trainer feeds the loss the total
+    DDF and the affine head's parameters (logged as ``train/affine_labels``), the model directory records the stage
+    and keeps the plain one-output model, and ``register`` writes the affine the network predicts."""
+    from tensorboard.backend.event_processing import event_accumulator
+
     from label_reg.register import Registrar
     from label_reg.train import train
 
     config = dataclasses.replace(tiny_train_config, model_dir=str(tmp_path / "model"), global_affine=True,
                                  affine_pooling="flatten", num_steps=6, validate_every=6, checkpoint_every=6,
-                                 learning_rate=3e-3)
+                                 learning_rate=3e-3, affine_label_weight=0.5, log_every=2)
     summary = train(config)
     assert summary["steps"] == 6 and np.isfinite(summary["loss_history"]).all()
     info, _ = model_dir.read_info(config.model_dir)
     assert info["build"]["global_affine"] is True and info["training"]["global_affine"] is True
     assert info["build"]["affine_pooling"] == "flatten" and info["training"]["affine_pooling"] == "flatten"
+    assert info["training"]["affine_label_weight"] == 0.5
+    logs = event_accumulator.EventAccumulator(str(tmp_path / "model" / "logs"),
+                                              size_guidance={event_accumulator.TENSORS: 0})
+    logs.Reload()
+    affine_terms = [float(tf.make_ndarray(e.tensor_proto)) for e in logs.Tensors("train/affine_labels")]
+    assert len(affine_terms) == 3 and all(t > 0 for t in affine_terms)
     with pytest.raises(InputError, match="--affine_pooling: must be one of average, flatten"):
         dataclasses.replace(config, affine_pooling="max")
     name = "phantom012"

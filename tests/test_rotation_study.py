@@ -28,11 +28,13 @@ def refusal(capsys, argv):
     return capsys.readouterr().err.strip().splitlines()[-1]
 
 
-def test_reuse_from_accepts_a_study_with_the_same_settings_and_another_pooling(tmp_path):
-    earlier = finished_study(tmp_path / "earlier", affine_pooling="flatten")
+def test_reuse_from_accepts_a_study_with_the_same_settings_and_another_affine_setting(tmp_path, capsys):
+    earlier = finished_study(tmp_path / "earlier", affine_pooling="flatten", affine_label_weight=0.0)
     args = study.parse_args(["--output_dir", str(tmp_path / "new"), "--reuse_from", str(earlier),
-                             "--affine_pooling", "average"])
-    assert args.reused_summary["seconds"]["model"] == 2.0
+                             "--affine_pooling", "average", "--affine_label_weight", "0.5"])
+    assert args.reused_summary["seconds"]["model"] == 2.0 and args.affine_label_weight == 0.5
+    message = refusal(capsys, ["--output_dir", str(tmp_path / "new"), "--affine_label_weight", "-1"])
+    assert message.endswith("--affine_label_weight must be >= 0, got -1.0")
 
 
 def test_reuse_from_names_each_setting_that_differs(tmp_path, capsys):

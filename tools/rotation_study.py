@@ -9,12 +9,14 @@ Prints a table, the rotation the affine stage found, and paired Wilcoxon tests o
 
     python tools/rotation_study.py --output_dir runs/rotation_study [--num_pairs 40] [--num_heldout 8]
         [--max_rotation_deg 30] [--test_rotation_deg 25] [--num_steps 1500] [--segmenter_steps 300]
-        [--landmark_weight 0] [--affine_pooling flatten] [--augment_rotation_deg 0] [--reuse_from DIR]
+        [--landmark_weight 0] [--affine_pooling flatten] [--affine_label_weight 0] [--augment_rotation_deg 0]
+        [--reuse_from DIR]
 
 Everything lands in ``--output_dir`` (phantoms, segmenter, ``model`` and ``model_affine``, registrations,
 ``rotation_results.csv`` / ``.md``, ``rotation_summary.json``). ``--reuse_from`` a finished study with the same
 phantom, segmenter and MIX+ settings copies its phantoms, segmenter and plain MIX+ instead of making them again and
-trains only the affine model: half the cost of trying another affine setting (``--affine_pooling``).
+trains only the affine model: half the cost of trying another affine setting (``--affine_pooling``,
+``--affine_label_weight``).
 """
 import argparse
 import json
@@ -56,12 +58,16 @@ def parse_args(argv=None):
     parser.add_argument("--affine_pooling", choices=("average", "flatten"), default="flatten",
                         help="how the affine model's head reduces the coarsest features (label-reg train "
                              "--affine_pooling)")
+    parser.add_argument("--affine_label_weight", type=float, default=0.0,
+                        help="the affine model only: also score the label losses on its affine stage alone, with "
+                             "this weight (label-reg train --affine_label_weight; 0: off)")
     parser.add_argument("--spacing_mm", type=float, default=1.76, help="working resolution (the CPU preset)")
     parser.add_argument("--shape", default="48,48,40", help="crop shape x,y,z (the CPU preset)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output_dir")
     parser.add_argument("--reuse_from", default=None,
-                        help="a finished study directory with the same settings (all but --affine_pooling): copy "
+                        help="a finished study directory with the same settings (all but --affine_pooling and "
+                             "--affine_label_weight): copy "
                              "its phantoms, segmenter and plain MIX+ and train only the affine model")
     args = parser.parse_args(argv)
     from label_reg.synthetic import check_angle
@@ -70,6 +76,8 @@ def parse_args(argv=None):
             check_angle(f"--{name}", getattr(args, name))
         except ValueError as err:
             parser.error(str(err))
+    if not args.affine_label_weight >= 0:
+        parser.error(f"--affine_label_weight must be >= 0, got {args.affine_label_weight}")
     for name in ("num_pairs", "num_heldout", "num_steps", "segmenter_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
@@ -139,10 +147,10 @@ def main(argv=None):
     for name, affine in (("model", False), ("model_affine", True)):
         if name in summaries:
             continue
+        stage = {"affine_pooling": args.affine_pooling, "affine_label_weight": args.affine_label_weight} if affine else {}
         summaries[name], seconds[name] = demo.train_mixplus_on(out / "phantoms", out, args, name, global_affine=affine,
                                                                landmark_weight=args.landmark_weight,
-                                                               affine_pooling=args.affine_pooling,
-                                                               augment_rotation_deg=args.augment_rotation_deg)
+                                                               augment_rotation_deg=args.augment_rotation_deg, **stage)
 
     print(f"[3/4] registering the {args.num_heldout} held-out pairs with each model", flush=True)
     rows = demo.score_heldout(out / "model", out / "heldout", out / "registered", PLAIN)
