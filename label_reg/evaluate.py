@@ -84,6 +84,7 @@ WORLD_TRE_HEADER = "TRE world mm"
 # ------------------------------------------------------------------------------------------- naming
 LANDMARK_SUFFIX = " landmarks"
 AFFINE_SUFFIX = " affine"
+SUPERVISED_AFFINE_SUFFIX = " supervised affine"  # the stage also trained alone (training.affine_label_weight > 0)
 
 
 def method_name(info) -> str:
@@ -93,10 +94,12 @@ def method_name(info) -> str:
     (``preprocess.prealign == "trus_gland"``) gets " (found gland)" appended (``MIX+ (found gland)``), so it is told
     apart from the paper pipeline's ``MIX+`` in ``compare``; one trained with landmark supervision
     (``training.landmark_weight > 0``) gets " landmarks" after the loss name (``MIX+ landmarks (found gland)``), and
-    one with the global affine stage (``build.global_affine``) " affine" (``MIX+ affine landmarks``)."""
+    one with the global affine stage (``build.global_affine``) " affine" (``MIX+ affine landmarks``), or
+    " supervised affine" when the stage was also trained alone (``training.affine_label_weight > 0``)."""
     name = _loss_name(info)
     if bool((info.get("build") or {}).get("global_affine", False)):
-        name += AFFINE_SUFFIX
+        supervised = float((info.get("training") or {}).get("affine_label_weight", 0) or 0) > 0
+        name += SUPERVISED_AFFINE_SUFFIX if supervised else AFFINE_SUFFIX
     if float((info.get("training") or {}).get("landmark_weight", 0) or 0) > 0:
         name += LANDMARK_SUFFIX
     prealign = (info.get("preprocess") or {}).get("prealign", "trus_centre")

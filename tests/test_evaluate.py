@@ -199,6 +199,8 @@ def test_method_names():
     assert method_name({**info(0.3, 0.0, False), "preprocess": {"prealign": "trus_centre"}}) == "mDSC"
     both = {**gland, "build": {"moving_label_input": True, "global_affine": True}, "training": {"landmark_weight": 0.3}}
     assert method_name(both) == "MIX+ affine landmarks (found gland)"
+    supervised = {**both, "training": {"landmark_weight": 0.3, "affine_label_weight": 0.5}}
+    assert method_name(supervised) == "MIX+ supervised affine landmarks (found gland)"
     assert method_name({**info(0.05, 0.45, True), "training": {"landmark_weight": 0.0}}) == "MIX+"
 
 
