@@ -153,7 +153,8 @@ def affine_label_loss(batch, theta, spatial_shape, config):
     """The label part of the training loss scored on the global affine stage's field alone (no bending: an affine
     field has none), per sample (B,): ``alpha`` mDSC + ``beta`` SDM MSLE + ``landmark_weight`` landmark Dice, under
     the DDF of the affine head's parameters theta (B, 12) (:func:`label_reg.layers.affine_ddf` on the static
-    ``spatial_shape`` (X, Y, Z)). Zero when the affine stage alone aligns the labels perfectly."""
+    ``spatial_shape`` (X, Y, Z)). When the affine alone aligns the labels it scores what an aligned pair scores
+    (not 0: the smoothed Dice of identical masks is below 1)."""
     from label_reg.layers import affine_ddf
     from label_reg.losses import loss_weights, multiscale_dice, sdm_msle
     ddf = affine_ddf(theta, [int(n) for n in spatial_shape])

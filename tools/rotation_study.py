@@ -147,7 +147,8 @@ def main(argv=None):
     for name, affine in (("model", False), ("model_affine", True)):
         if name in summaries:
             continue
-        stage = {"affine_pooling": args.affine_pooling, "affine_label_weight": args.affine_label_weight} if affine else {}
+        stage = {"affine_pooling": args.affine_pooling,
+                 "affine_label_weight": args.affine_label_weight} if affine else {}
         summaries[name], seconds[name] = demo.train_mixplus_on(out / "phantoms", out, args, name, global_affine=affine,
                                                                landmark_weight=args.landmark_weight,
                                                                augment_rotation_deg=args.augment_rotation_deg, **stage)
