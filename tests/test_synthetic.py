@@ -209,3 +209,21 @@ def test_phantoms_cli_writes_rotated_pairs_and_refuses_a_bad_angle(tmp_path):
         assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
         assert "--max_rotation_deg: must be between 0 and 180 degrees" in res.stderr
         assert not (tmp_path / "bad").exists()
+
+
+def test_phantoms_cli_writes_pairs_turned_by_an_exact_angle(tmp_path):
+    res = _cli("--num_pairs", "1", "--output_dir", str(tmp_path / "ph"), "--seed", "3", "--rotation_deg", "25")
+    assert res.returncode == 0 and "rotated by 25 degrees" in res.stdout, res.stderr
+    disp, _ = io.read_displacement_field(tmp_path / "ph" / "ground_truth" / "phantom000.nii.gz")
+    child = np.random.SeedSequence(3).spawn(1)[0]
+    expected = synthetic.make_pair(np.random.default_rng(child), rotation_deg=25.0)
+    assert expected["rotation_deg"] == 25.0
+    np.testing.assert_array_equal(disp, sitk.GetArrayFromImage(expected["displacement"]).transpose(2, 1, 0, 3))
+    # the other pair of the same seed turned by a random angle up to 30 is a different pair
+    other = synthetic.make_pair(np.random.default_rng(child), max_rotation_deg=30.0)
+    assert other["rotation_deg"] != 25.0
+    for args, message in ((("--rotation_deg", "181"), "--rotation_deg: must be between 0 and 180 degrees"),
+                          (("--rotation_deg", "25", "--max_rotation_deg", "30"), "exclude each other")):
+        res = _cli("--num_pairs", "1", "--output_dir", str(tmp_path / "bad"), *args)
+        assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1 and message in res.stderr, res.stderr
+        assert not (tmp_path / "bad").exists()
