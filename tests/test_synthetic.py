@@ -219,9 +219,10 @@ def test_phantoms_cli_writes_pairs_turned_by_an_exact_angle(tmp_path):
     expected = synthetic.make_pair(np.random.default_rng(child), rotation_deg=25.0)
     assert expected["rotation_deg"] == 25.0
     np.testing.assert_array_equal(disp, sitk.GetArrayFromImage(expected["displacement"]).transpose(2, 1, 0, 3))
-    # the other pair of the same seed turned by a random angle up to 30 is a different pair
+    # the same seed turned by a random angle up to 30 degrees instead writes another field
     other = synthetic.make_pair(np.random.default_rng(child), max_rotation_deg=30.0)
     assert other["rotation_deg"] != 25.0
+    assert not np.allclose(disp, sitk.GetArrayFromImage(other["displacement"]).transpose(2, 1, 0, 3))
     for args, message in ((("--rotation_deg", "181"), "--rotation_deg: must be between 0 and 180 degrees"),
                           (("--rotation_deg", "25", "--max_rotation_deg", "30"), "exclude each other")):
         res = _cli("--num_pairs", "1", "--output_dir", str(tmp_path / "bad"), *args)
