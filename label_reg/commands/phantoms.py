@@ -83,10 +83,11 @@ def main(argv):
 
     names = synthetic.write_phantoms(output_dir, FLAGS.num_pairs, FLAGS.seed, FLAGS.max_rotation_deg,
                                      rotation_deg=FLAGS.rotation_deg)
+    turned = ""
     if FLAGS.rotation_deg is not None:
         turned = f", TRUS sides rotated by {FLAGS.rotation_deg:g} degrees"
-    else:
-        turned = f", TRUS sides rotated up to {FLAGS.max_rotation_deg:g} degrees" if FLAGS.max_rotation_deg else ""
+    elif FLAGS.max_rotation_deg:
+        turned = f", TRUS sides rotated up to {FLAGS.max_rotation_deg:g} degrees"
     print(f"wrote {len(names)} phantom pair(s) ({names[0]} .. {names[-1]}, seed {FLAGS.seed}{turned}) to "
           f"{os.path.abspath(output_dir)}:")
     for sub in synthetic.LAYOUT_DIRS:
