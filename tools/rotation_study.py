@@ -7,7 +7,7 @@ the demo's TRUS gland segmenter once, then the demo's MIX+ twice with the same s
 Registrar and scores them against the known deformation (exact landmark TRE, gland DSC, mean gland error, folding).
 Prints a table, the rotation the affine stage found, and paired Wilcoxon tests on the landmark TRE:
 
-    python tools/rotation_study.py --output_dir runs/rotation_study [--num_pairs 40] [--num_heldout 8]
+    python tools/rotation_study.py --output_dir runs/rotation_study [--num_pairs 40] [--num_heldout 40]
         [--max_rotation_deg 30] [--test_rotation_deg 25] [--num_steps 1500] [--segmenter_steps 300]
         [--landmark_weight 0] [--affine_pooling flatten] [--affine_label_weight 0] [--augment_rotation_deg 0]
         [--reuse_from DIR]
@@ -43,7 +43,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output_dir", default="runs/rotation_study", help="everything the study writes goes here")
     parser.add_argument("--num_pairs", type=int, default=40, help="rotated training + validation phantom pairs")
-    parser.add_argument("--num_heldout", type=int, default=8, help="held-out phantom pairs to register")
+    parser.add_argument("--num_heldout", type=int, default=40,
+                        help="held-out phantom pairs to register (the studies A-D in the README used 8: too few "
+                             "to tell the models apart)")
     parser.add_argument("--max_rotation_deg", type=float, default=30.0,
                         help="training pairs: TRUS side turned by a random angle in [-N, N] degrees")
     parser.add_argument("--test_rotation_deg", type=float, default=25.0,
