@@ -12,8 +12,8 @@
   (:func:`affine_label_loss`) and added with that weight, so the stage has to do the global alignment itself.
 * Validation (:func:`validate`) every ``validate_every`` steps on the held-out cases: median gland DSC and median
   landmark TRE in mm at the working resolution. The weights with the best validation DSC (or, with
-  ``select_by="tre"``, the lowest median TRE) are written to the model directory with everything ``register``
-  needs (:mod:`label_reg.model_dir`).
+  ``select_by="tre"``, the lowest median TRE; with ``select_by="last"``, the weights of the last validation) are
+  written to the model directory with everything ``register`` needs (:mod:`label_reg.model_dir`).
 
 See :mod:`label_reg.trainer` for the strategy, determinism, resuming and logging.
 """
@@ -30,7 +30,9 @@ __all__ = ["TrainConfig", "REGISTRATION", "registration_task", "loss_terms", "va
            "load_split", "load_cases", "make_strategy"]
 
 
-SELECT_BY = {"dsc": "dsc", "tre": "tre_mm"}  # --select_by value -> key of validate()'s result
+# --select_by value -> the key of the validation result that picks the model kept ("step": the trainer adds the
+# step to every result, so the last validation always wins)
+SELECT_BY = {"dsc": "dsc", "tre": "tre_mm", "last": "step"}
 
 
 @dataclasses.dataclass
@@ -71,7 +73,8 @@ class TrainConfig(RunConfig):
                                              "global part of the alignment itself rather than leaving it to the "
                                              "local DDF (0 = off: the stage learns through the total field only).")
     select_by: str = option("dsc", "Validation score that picks the model kept: dsc (highest median gland DSC, "
-                                   "the paper) or tre (lowest median landmark TRE).")
+                                   "the paper), tre (lowest median landmark TRE) or last (the final weights: no "
+                                   "choice made on the validation pairs, so their scores stay unbiased).")
 
     def __post_init__(self):
         super().__post_init__()
@@ -268,10 +271,9 @@ def registration_task(config, train_cases=(), val_cases=()):
         from label_reg.network import affine_parameters_model
         task = dataclasses.replace(task, forward=lambda model, _config: affine_parameters_model(model),
                                    shown=task.shown + ("affine_labels",))
-    if config.select_by == "tre":
-        if val_cases and not any(landmark_count(c) for c in val_cases):
-            raise InputError(config.data_dir, "--select_by=tre but no validation pair has landmarks")
-        task = dataclasses.replace(task, select=SELECT_BY["tre"])
+    if config.select_by == "tre" and val_cases and not any(landmark_count(c) for c in val_cases):
+        raise InputError(config.data_dir, "--select_by=tre but no validation pair has landmarks")
+    task = dataclasses.replace(task, select=SELECT_BY[config.select_by])
     return task
 
 

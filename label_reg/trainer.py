@@ -105,7 +105,7 @@ class Task:
     validate: ``(predictor, cases, config) -> {name: float}`` on the validation cases (a
     :class:`label_reg.predictor.Predictor` of the model being trained).
     select: the key of ``validate``'s result that picks the model kept (larger is better, unless it is in
-    ``minimise``).
+    ``minimise``); ``"step"``, which the trainer adds to every result, keeps the last validated weights.
     save: ``(model_dir, model, config, step, result) -> None``: write the model directory (chief only).
     baseline: optional ``(cases, config) -> dict``, the validation scores without the network, reported as
     ``coarse`` in the summary.
@@ -330,7 +330,7 @@ class Trainer:
             return None
         result = self.validate()
         self._log_validation(step, result)
-        score = self.task.score(result)
+        score = self.task.score({**result, "step": float(step)})
         if score > float(self.best.numpy()):
             self.best.assign(score)
             if self.chief:

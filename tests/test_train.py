@@ -304,6 +304,23 @@ def test_landmark_training_keeps_the_lowest_tre_model(trained_model, tiny_train_
             TrainConfig(data_dir="", model_dir="", **bad)
 
 
+def test_select_by_last_keeps_the_final_weights(tiny_train_config, tmp_path):
+    """--select_by=last: every validation saves, so the model directory holds the last validated step whatever
+    the scores did, and its validation record is that step's."""
+    import dataclasses
+
+    from label_reg.train import registration_task, train
+    config = dataclasses.replace(tiny_train_config, model_dir=str(tmp_path / "model"), select_by="last",
+                                 num_steps=20, validate_every=8, checkpoint_every=20)
+    assert registration_task(config).select == "step"
+    summary = train(config)
+    assert [v["step"] for v in summary["validation_history"]] == [8, 16, 20]
+    info, _ = model_dir_lib.read_info(tmp_path / "model")
+    last = summary["validation_history"][-1]
+    assert info["best_step"] == 20 and summary["best_step"] == 20
+    assert info["validation"]["dsc"] == pytest.approx(last["dsc"])
+
+
 def test_bending_voxels_reaches_the_training_loss(tiny_train_config):
     import dataclasses
 
