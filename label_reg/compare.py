@@ -11,6 +11,7 @@
   with :func:`label_reg.metrics.case_metrics` on the TRUS grid (soft values are binarised at 0.5). There is no DDF,
   so ∇|J| and folding are NaN; the TRE is measured on the TRUS grid, i.e. in TRUS world space, so it also fills
   ``tre_world_mm``.
+* :func:`select_methods` keeps the methods asked for (``--methods``) and the pre-alignment rows.
 * :func:`compare` puts it together: our summary (mean (median) ± SD), :func:`label_reg.report.side_by_side` with
   the paper's Table 1 and Hu et al. 2018, the TRUS gland segmenter's scores when the CSVs hold them, what a global
   affine stage did (:func:`label_reg.evaluate.affine_note`, for methods whose rows carry the affine columns), and paired
@@ -37,7 +38,7 @@ from label_reg.evaluate import (COARSE, COARSE_FOUND, COARSE_TRUE, FOUND_SUFFIX,
                                 TRUE_SUFFIX, affine_note, read_per_case, segmenter_table, summary_table)
 
 __all__ = ["LEGACY_METHOD", "LEGACY_SUFFIX", "load_results", "legacy_outputs", "read_legacy_labels",
-           "score_niftynet", "method_pairs", "compare", "Comparison"]
+           "score_niftynet", "method_pairs", "select_methods", "compare", "Comparison"]
 
 LEGACY_METHOD = "NiftyNet (legacy)"
 LEGACY_SUFFIX = "_niftynet_out.nii.gz"
@@ -242,8 +243,22 @@ class Comparison:
     segmenter: pd.DataFrame | None = None
 
 
-def compare(results, niftynet_dir=None, data_dir=None, paper=None) -> Comparison:
-    """Concatenate per-case CSVs (and legacy outputs), and build the markdown report (returned as ``.text``)."""
+def select_methods(per_case, methods) -> pd.DataFrame:
+    """The rows of the named methods (exact names, as in the ``method`` column) and the pre-alignment rows, which
+    every network is tested against. An unknown name is an error listing the methods the results hold."""
+    present = list(dict.fromkeys(per_case["method"]))
+    unknown = [m for m in methods if m not in present]
+    if unknown:
+        raise InputError("--methods", f"no method {', '.join(repr(m) for m in unknown)} in the results; they hold "
+                                      + ", ".join(repr(m) for m in sorted(present, key=report.method_sort_key)))
+    keep = set(methods) | set(PREALIGNMENT_ROWS)
+    return per_case[per_case["method"].isin(keep)].reset_index(drop=True)
+
+
+def compare(results, niftynet_dir=None, data_dir=None, paper=None, methods=None) -> Comparison:
+    """Concatenate per-case CSVs (and legacy outputs), and build the markdown report (returned as ``.text``).
+    ``methods`` (names) keeps only those methods and the pre-alignment rows (:func:`select_methods`); None keeps
+    all."""
     per_case = load_results(results)
     if niftynet_dir:
         if not data_dir:
@@ -253,6 +268,8 @@ def compare(results, niftynet_dir=None, data_dir=None, paper=None) -> Comparison
         per_case = pd.concat([per_case, legacy], ignore_index=True)
     elif data_dir:
         raise InputError("--data_dir", "only used with --niftynet_dir")
+    if methods:
+        per_case = select_methods(per_case, methods)
     summary = summary_table(per_case)
     pairs = method_pairs(per_case)
     metric_names = [m for m in WILCOXON_METRICS if m in per_case.columns]

@@ -215,6 +215,29 @@ def test_found_gland_rows_beside_the_paper_pipeline(gland_results):
     assert seg["gland DSC %"].iloc[0].startswith(f"{100 * found['segmenter_dsc'].mean():.1f} (")
 
 
+def test_methods_keeps_only_the_named_methods_and_the_prealignment(gland_results, cv_results):
+    result = compare(gland_results, methods=["MIX+ (found gland)"])
+    assert list(result.summary.index) == ["Coarse", "Coarse (found gland)", "Coarse (true gland)",
+                                          "MIX+ (found gland)"]
+    pairs = set(zip(result.pvalues["method_a"], result.pvalues["method_b"]))
+    assert ("MIX+ (found gland)", "Coarse (found gland)") in pairs
+    assert not any("MIX+" in (a, b) for a, b in pairs)  # the paper pipeline's MIX+ is left out
+    # the p-values of the pairs kept are those of the full comparison
+    full = compare(gland_results).pvalues.set_index(["method_a", "method_b", "metric"])["p_value"]
+    kept = result.pvalues.set_index(["method_a", "method_b", "metric"])["p_value"]
+    assert np.allclose(kept, full.loc[kept.index])
+    with pytest.raises(InputError) as err:
+        compare(gland_results, methods=["MIX+ (found gland)", "MIX++"])
+    message = str(err.value)
+    assert "--methods" in message and "'MIX++'" in message and "'MIX+ (found gland)'" in message
+    # the command line: comma-separated names
+    proc = subprocess.run([str(LABEL_REG), "compare", "--methods", "MIX+,Coarse", "--results", *map(str, cv_results)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "| MIX+ | Coarse | dsc | 10 |" in proc.stdout and "| MIX+ | MIX |" not in proc.stdout
+    assert "| ours | MIX |" not in proc.stdout and "| ours | MIX+ |" in proc.stdout
+
+
 def test_found_gland_rows_of_different_segmenters_are_an_error(gland_results):
     other = pd.read_csv(gland_results[1])
     where = (other["method"] == "Coarse (found gland)") & (other["case"] == "case03")
