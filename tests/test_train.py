@@ -192,6 +192,9 @@ def test_every_experiment_flagfile_is_a_valid_training_config():
                                            **({"affine_pooling": "flatten"} if affine else {})), name
         assert (config.alpha, config.beta, config.learning_rate, config.num_steps) == (
             plain.alpha, plain.beta, plain.learning_rate, plain.num_steps), name
+        # the combination keeps its label losses inside the TRUS view; the others score the whole crop (the paper)
+        assert config.label_loss_in_view == (name == "mixplus_landmarks_affine"), name
+    assert not plain.label_loss_in_view
 
 
 def test_killed_and_resumed_run_ends_with_the_same_weights(phantom_dir, tmp_path):
