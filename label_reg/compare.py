@@ -246,7 +246,7 @@ class Comparison:
 def select_methods(per_case, methods) -> pd.DataFrame:
     """The rows of the named methods (exact names, as in the ``method`` column) and the pre-alignment rows, which
     every network is tested against. An unknown name is an error listing the methods the results hold."""
-    present = list(dict.fromkeys(per_case["method"]))
+    present = set(per_case["method"])
     unknown = [m for m in methods if m not in present]
     if unknown:
         raise InputError("--methods", f"no method {', '.join(repr(m) for m in unknown)} in the results; they hold "
