@@ -303,7 +303,7 @@ class Trainer:
         done = int(self.step.numpy()) - start
         best = float(self.best.numpy())  # the best Task.score: back to the value of task.select
         best = -best if task.select in task.minimise else best
-        return {"steps": done, "seconds": elapsed,
+        return {"steps": done, "seconds": elapsed, "replicas": int(self.replicas),
                 "samples_per_second": done * self.global_batch / elapsed if done else float("nan"),
                 "loss_history": history, "validation_history": validations, "coarse": coarse, "last_validation": last_val,
                 f"best_{task.select}": best, "interrupted": self._stop,

@@ -25,7 +25,7 @@ import json, sys
 from label_reg.train import TrainConfig, train
 config = TrainConfig(**json.loads(sys.argv[1]))
 summary = train(config)
-print("SUMMARY " + json.dumps({k: summary[k] for k in ("steps", "loss_history", "interrupted")}))
+print("SUMMARY " + json.dumps({k: summary[k] for k in ("steps", "loss_history", "interrupted", "replicas")}))
 """
 
 
@@ -250,11 +250,8 @@ def test_two_workers_on_loopback_train_in_lockstep(phantom_dir, tmp_path):
 
 def test_mirrored_strategy_over_two_logical_cpus(phantom_dir, tmp_path):
     summary = _finish(_start(_config(phantom_dir, tmp_path / "mirrored", num_steps=4, cpu_replicas=2)))
+    assert summary["replicas"] == 2  # the run itself was split over two logical CPUs
     assert len(summary["loss_history"]) == 4 and all(np.isfinite(summary["loss_history"]))
-    code = ("from label_reg.train import make_strategy; s = make_strategy(2); "
-            "print('REPLICAS', s.num_replicas_in_sync)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT)
-    assert "REPLICAS 2" in out.stdout, out.stderr[-2000:]
 
 
 def test_landmark_volumes_are_paired_padded_and_augmented_with_their_side(trained_model, tiny_train_config):
