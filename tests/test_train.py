@@ -287,7 +287,7 @@ def test_landmark_training_keeps_the_lowest_tre_model(trained_model, tiny_train_
     from label_reg.evaluate import method_name
     from label_reg.train import TrainConfig, registration_task, train
     config = dataclasses.replace(tiny_train_config, model_dir=str(tmp_path / "model"), landmark_weight=1.0,
-                                 select_by="tre", num_steps=60, validate_every=20, checkpoint_every=60)
+                                 select_by="tre", num_steps=30, validate_every=10, checkpoint_every=30)
     task = registration_task(config)
     assert task.select == "tre_mm" and set(data_lib.LANDMARK_KEYS) <= set(task.keys)
     summary = train(config)
