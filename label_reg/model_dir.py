@@ -5,7 +5,8 @@ Layout::
     MODEL_DIR/
       label_reg.json        build arguments, pre-processing settings, loss weights, training flags, best metrics
       model.weights.h5      weights of the best-validation model (Keras weights file: arrays only)
-      checkpoints/          tf.train checkpoints for --resume (model, optimizer, step, data position)
+      checkpoints/          tf.train checkpoints for --resume (model, optimizer, step, data position): the last two
+        kept/               those of every --keep_checkpoint_every-th step, if asked for
       logs/                 TensorBoard event files
 
 Loading never runs code from the directory: the JSON is parsed and checked field by field (no eval, no pickles),
@@ -38,6 +39,8 @@ WEIGHTS_FILE = "model.weights.h5"
 FORMAT_VERSION = 1
 REGISTRATION = "registration"
 SEGMENTER = "segmenter"
+CHECKPOINTS_DIR = "checkpoints"
+KEPT_CHECKPOINTS_DIR = "kept"  # inside CHECKPOINTS_DIR
 SEGMENTER_DIR = "segmenter"  # a registration model directory's copy of the TRUS gland segmenter it pre-aligns with
 
 

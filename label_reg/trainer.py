@@ -34,6 +34,7 @@ import tensorflow as tf
 
 from label_reg import data as data_lib
 from label_reg import datasets
+from label_reg import model_dir as model_dir_lib
 from label_reg.cases import cached_cases, found_centre, load_cases  # noqa: F401 (re-exported)
 from label_reg.errors import InputError
 from label_reg.predictor import Predictor
@@ -72,6 +73,10 @@ class RunConfig:
     seed: int = option(0, "Seed of initialisation, data order and augmentation.")
     validate_every: int = option(500, "Validate (and keep the best model) every N steps.")
     checkpoint_every: int = option(100, "Checkpoint every N steps.")
+    keep_checkpoint_every: int = option(0, "Also keep the checkpoints of the steps that are multiples of N (a "
+                                           "multiple of --checkpoint_every), in MODEL_DIR/checkpoints/kept/; "
+                                           "otherwise only the last two are kept (0 = no others). "
+                                           "tools/checkpoint_model.py --step turns one into a model directory.")
     resume: bool = option(False, "Continue from the last checkpoint in --model_dir.")
     cache_dir: str = option("", "Folder for pre-processed cases (default: MODEL_DIR/../.label_reg_cache).")
     cpu_replicas: int = option(0, "Split the CPU into this many logical devices under MirroredStrategy.")
@@ -85,6 +90,10 @@ class RunConfig:
             check_angle("augment_rotation_deg", self.augment_rotation_deg)
         except ValueError as err:
             raise InputError("--augment_rotation_deg", str(err).removeprefix("augment_rotation_deg ")) from None
+        keep, every = int(self.keep_checkpoint_every), int(self.checkpoint_every)
+        if keep < 0 or (keep and (every <= 0 or keep % every)):
+            raise InputError("--keep_checkpoint_every", f"must be 0 or a positive multiple of --checkpoint_every "
+                                                        f"({every}), got {keep}")
 
     def preprocess_config(self):
         return PreprocessConfig(spacing_mm=float(self.spacing_mm), shape=tuple(int(n) for n in self.shape))
@@ -174,6 +183,27 @@ def load_split(config):
     return [by_name[n] for n in train], [by_name[n] for n in val]
 
 
+def keep_checkpoint(prefix, folder):
+    """Copy the files of the checkpoint ``prefix`` (``.../ckpt-N``: ``ckpt-N.index`` and ``ckpt-N.data-*``) into
+    ``folder``, where ``tf.train.CheckpointManager`` does not delete them. Each file is written under a temporary name
+    and renamed, the index last, so a copy cut short (full disk) leaves no ``ckpt-N.index`` and is not listed as a
+    checkpoint; the error is raised."""
+    import shutil
+
+    prefix, folder = pathlib.Path(prefix), pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = sorted(prefix.parent.glob(prefix.name + ".*"), key=lambda path: path.suffix == ".index")
+    if not any(path.suffix == ".index" for path in files):
+        raise FileNotFoundError(f"{prefix}.index: no checkpoint to keep")
+    for path in files:
+        partial = folder / (path.name + ".partial")
+        try:
+            shutil.copyfile(path, partial)
+            os.replace(partial, folder / path.name)
+        finally:
+            partial.unlink(missing_ok=True)
+
+
 # ------------------------------------------------------------------------------------------------ trainer
 class Trainer:
     """Strategy, model, optimizer, checkpoints, pipeline and training step of ``task`` for ``config``
@@ -200,7 +230,7 @@ class Trainer:
             # The best Task.score so far; checkpointed as "best_dsc" so older checkpoints resume.
             self.best = tf.Variable(float("-inf"), dtype=tf.float64, trainable=False, name="best_dsc")
         self.model_dir = pathlib.Path(config.model_dir)
-        ckpt_dir = self.model_dir / "checkpoints"
+        ckpt_dir = self.model_dir / model_dir_lib.CHECKPOINTS_DIR
         if not self.chief:  # every worker must save (collectives), only the chief's copy is kept
             ckpt_dir = pathlib.Path(tempfile.mkdtemp(prefix="label_reg_worker_ckpt_"))
         self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, step=self.step,
@@ -289,7 +319,11 @@ class Trainer:
                         validations.append({"step": step, **result})
                         shown += [(bar, result[key]) for key, (bar, _) in task.validation_names.items()]
                 if step % config.checkpoint_every == 0 or step == total:
-                    self.manager.save(checkpoint_number=step)
+                    saved = self.manager.save(checkpoint_number=step)
+                    keep = config.keep_checkpoint_every
+                    if self.chief and keep and step % keep == 0:
+                        keep_checkpoint(saved, self.model_dir / model_dir_lib.CHECKPOINTS_DIR
+                                        / model_dir_lib.KEPT_CHECKPOINTS_DIR)
                 bar.update(step, shown)
             if self._stop and step < total:
                 self.manager.save(checkpoint_number=step)

@@ -43,7 +43,8 @@ def tiny_train_config(phantom_dir, tmp_path_factory):
     return TrainConfig(data_dir=str(phantom_dir), model_dir=str(root / "model"), alpha=0.05, beta=0.45,
                        moving_label_input=True, learning_rate=1e-3, batch_size=4, num_steps=200,
                        spacing_mm=TINY_SPACING_MM, shape=TINY_SHAPE, num_folds=5, fold=0, seed=0,
-                       validate_every=50, checkpoint_every=100, cache_dir=str(root / "cache"), progress=False)
+                       validate_every=50, checkpoint_every=50, keep_checkpoint_every=100,
+                       cache_dir=str(root / "cache"), progress=False)
 
 
 @pytest.fixture(scope="session")

@@ -558,7 +558,7 @@ def test_training_with_the_stage_saves_it_and_register_writes_the_affine(tiny_tr
 
     config = dataclasses.replace(tiny_train_config, model_dir=str(tmp_path / "model"), global_affine=True,
                                  affine_pooling="flatten", num_steps=6, validate_every=6, checkpoint_every=6,
-                                 learning_rate=3e-3, affine_label_weight=0.5, log_every=2)
+                                 keep_checkpoint_every=0, learning_rate=3e-3, affine_label_weight=0.5, log_every=2)
     summary = train(config)
     assert summary["steps"] == 6 and np.isfinite(summary["loss_history"]).all()
     info, _ = model_dir.read_info(config.model_dir)

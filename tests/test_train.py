@@ -163,6 +163,11 @@ def test_train_flags_are_the_config_fields_and_the_presets_parse():
     for angle in (-1.0, 181.0, float("nan")):
         with pytest.raises(InputError, match="--augment_rotation_deg: must be between 0 and 180 degrees"):
             dataclasses.replace(config, augment_rotation_deg=angle)
+    for keep in (-250, 100, 375):  # the CPU preset checkpoints every 250 steps
+        with pytest.raises(InputError, match=rf"--keep_checkpoint_every: must be 0 or a positive multiple of "
+                                             rf"--checkpoint_every \(250\), got {keep}"):
+            dataclasses.replace(config, keep_checkpoint_every=keep)
+    assert dataclasses.replace(config, keep_checkpoint_every=1000).keep_checkpoint_every == 1000
 
 
 def test_every_experiment_flagfile_is_a_valid_training_config():
@@ -287,7 +292,8 @@ def test_landmark_training_keeps_the_lowest_tre_model(trained_model, tiny_train_
     from label_reg.evaluate import method_name
     from label_reg.train import TrainConfig, registration_task, train
     config = dataclasses.replace(tiny_train_config, model_dir=str(tmp_path / "model"), landmark_weight=1.0,
-                                 select_by="tre", num_steps=30, validate_every=10, checkpoint_every=30)
+                                 select_by="tre", num_steps=30, validate_every=10, checkpoint_every=30,
+                                 keep_checkpoint_every=0)
     task = registration_task(config)
     assert task.select == "tre_mm" and set(data_lib.LANDMARK_KEYS) <= set(task.keys)
     summary = train(config)
@@ -311,7 +317,7 @@ def test_select_by_last_keeps_the_final_weights(tiny_train_config, tmp_path):
 
     from label_reg.train import registration_task, train
     config = dataclasses.replace(tiny_train_config, model_dir=str(tmp_path / "model"), select_by="last",
-                                 num_steps=20, validate_every=8, checkpoint_every=20)
+                                 num_steps=20, validate_every=8, checkpoint_every=20, keep_checkpoint_every=0)
     assert registration_task(config).select == "step"
     summary = train(config)
     assert [v["step"] for v in summary["validation_history"]] == [8, 16, 20]

@@ -4,7 +4,8 @@
         --output_dir runs/last/mixplus_landmarks_gland_cpu_fold0 [--step N] [--overwrite]
 
 ``label-reg train`` keeps the model with the best validation score (``model.weights.h5``, ``best_step`` in
-``label_reg.json``) and its last two checkpoints (``checkpoints/ckpt-N``). This writes ``--output_dir`` as a copy of
+``label_reg.json``), its last two checkpoints (``checkpoints/ckpt-N``) and, with ``--keep_checkpoint_every=K``,
+those of every K-th step (``checkpoints/kept/ckpt-N``). This writes ``--output_dir`` as a copy of
 the model directory's description (``label_reg.json``, a carried segmenter) with the weights of checkpoint ``N``
 (default: the newest, the model as training ended), ready for ``register``, ``evaluate`` and ``export``. Its
 ``label_reg.json`` has ``best_step`` N, no ``validation`` record (that step may not have been validated) and
@@ -30,12 +31,23 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def checkpoint_prefixes(model_dir):
+    """{step: checkpoint prefix} of the checkpoints in ``model_dir/checkpoints`` (the last two of the run) and in
+    ``model_dir/checkpoints/kept`` (those ``--keep_checkpoint_every`` kept); a step in both is the same checkpoint."""
+    from label_reg import model_dir as md
+
+    folder = pathlib.Path(model_dir) / md.CHECKPOINTS_DIR
+    prefixes = {}
+    for place in (folder / md.KEPT_CHECKPOINTS_DIR, folder):
+        if place.is_dir():
+            for match in filter(None, (CHECKPOINT.match(path.name) for path in place.iterdir())):
+                prefixes[int(match.group(1))] = place / f"ckpt-{match.group(1)}"
+    return prefixes
+
+
 def checkpoint_steps(model_dir):
-    """The steps of the checkpoints in ``model_dir/checkpoints``, ascending."""
-    folder = pathlib.Path(model_dir) / "checkpoints"
-    if not folder.is_dir():
-        return []
-    return sorted(int(match.group(1)) for match in map(CHECKPOINT.match, (p.name for p in folder.iterdir())) if match)
+    """The steps of the checkpoints :func:`checkpoint_prefixes` finds, ascending."""
+    return sorted(checkpoint_prefixes(model_dir))
 
 
 def write_checkpoint_model(model_dir, output_dir, step=None, overwrite=False):
@@ -50,12 +62,13 @@ def write_checkpoint_model(model_dir, output_dir, step=None, overwrite=False):
 
     model_dir, output_dir = pathlib.Path(model_dir), pathlib.Path(output_dir)
     info, _ = md.read_info(model_dir)
-    steps = checkpoint_steps(model_dir)
+    prefixes = checkpoint_prefixes(model_dir)
+    steps = sorted(prefixes)
     if not steps:
-        raise InputError(model_dir / "checkpoints", "holds no checkpoint (ckpt-N.index)")
+        raise InputError(model_dir / md.CHECKPOINTS_DIR, "holds no checkpoint (ckpt-N.index)")
     step = steps[-1] if step is None else int(step)
     if step not in steps:
-        raise InputError(model_dir / "checkpoints", f"has no checkpoint of step {step} (it has "
+        raise InputError(model_dir / md.CHECKPOINTS_DIR, f"has no checkpoint of step {step} (it has "
                                                     f"{', '.join(map(str, steps))})")
     if output_dir.resolve() == model_dir.resolve():
         raise InputError(output_dir, "is --model_dir itself; choose another --output_dir")
@@ -66,7 +79,7 @@ def write_checkpoint_model(model_dir, output_dir, step=None, overwrite=False):
     segmenter = md.segmenter_path(model_dir, info) if registration else None
 
     model = kind.build(**info["build"])
-    source = model_dir / "checkpoints" / f"ckpt-{step}"
+    source = prefixes[step]
     try:
         tf.train.Checkpoint(model=model).restore(str(source)).expect_partial().assert_existing_objects_matched()
     except (AssertionError, ValueError, tf.errors.OpError) as err:
