@@ -31,6 +31,10 @@ def test_curves_match_the_validation_history_of_the_run(trained_model, tmp_path)
     text = output.read_text()
     best_step = int(history["dsc"].idxmax())
     assert f"| {model_dir.name} | {best_step} | " in text and "| step | model | twin | median |" in text
+    dsc = history["dsc"].astype(float)
+    assert f"mean {dsc.iloc[-4:].mean():.3f} over steps {dsc.index[-4]}–{dsc.index[-1]})" in text
+    assert curves.main([str(model_dir), "--smooth", "2", "--output", str(output)]) == 0
+    assert f"mean {dsc.iloc[-2:].mean():.3f} over steps {dsc.index[-2]}–{dsc.index[-1]})" in output.read_text()
     assert curves.main([str(model_dir), "--output", str(tmp_path / "curves.csv")]) == 0
     written = pd.read_csv(tmp_path / "curves.csv")
     assert list(written.columns) == ["run", "step", "tag", "value"] and len(written) == 2 * len(history)
@@ -51,3 +55,5 @@ def test_bad_runs_and_tags_are_one_line_errors_with_no_output(trained_model, tmp
         curves.parse_args([str(model_dir), "--output", str(tmp_path / "no" / "such" / "out.md")])
     with pytest.raises(SystemExit):
         curves.parse_args([str(model_dir), "--output", str(tmp_path / "out.txt")])
+    with pytest.raises(SystemExit):
+        curves.parse_args([str(model_dir), "--smooth", "0"])
