@@ -39,7 +39,7 @@ def test_training_keeps_every_kth_checkpoint_besides_the_last_two(trained_model)
     assert [checkpoint_step(folder / "kept" / f"ckpt-{n}") for n in (100, 200)] == [100, 200]
     for name in ("ckpt-200.index", "ckpt-200.data-00000-of-00001"):
         assert (folder / "kept" / name).read_bytes() == (folder / name).read_bytes()
-    assert tool.checkpoint_steps(trained_model[0]) == [100, 150, 200]
+    assert sorted(tool.checkpoint_prefixes(trained_model[0])) == [100, 150, 200]
 
 
 def test_keeping_a_checkpoint_copies_it_whole_or_not_at_all(trained_model, tmp_path):
@@ -68,7 +68,7 @@ def test_a_full_disk_leaves_no_partial_kept_checkpoint(trained_model, small_disk
 def test_the_newest_checkpoint_becomes_a_loadable_model_directory(trained_model, tmp_path):
     from label_reg import model_dir as md
     source = trained_model[0]
-    assert tool.checkpoint_steps(source) == [100, 150, 200]
+    assert sorted(tool.checkpoint_prefixes(source)) == [100, 150, 200]
     out = tmp_path / "last"
     assert tool.main(["--model_dir", str(source), "--output_dir", str(out)]) == 0
 

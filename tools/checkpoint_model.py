@@ -45,11 +45,6 @@ def checkpoint_prefixes(model_dir):
     return prefixes
 
 
-def checkpoint_steps(model_dir):
-    """The steps of the checkpoints :func:`checkpoint_prefixes` finds, ascending."""
-    return sorted(checkpoint_prefixes(model_dir))
-
-
 def write_checkpoint_model(model_dir, output_dir, step=None, overwrite=False):
     """Write ``output_dir`` (see the module doc) from checkpoint ``step`` of ``model_dir`` (None: the newest).
     Returns the step. InputError for a model directory without that checkpoint or whose checkpoint does not fit its
