@@ -795,6 +795,23 @@ def write_text(path, text: str) -> None:
             raise OutputError(path, f"write failed: {size} of {len(data)} bytes on disk")
 
 
+def report_file_problem(path, suffixes=(".md", ".csv")) -> str | None:
+    """Why ``path`` cannot take a report a script writes at its end (its suffix is none of ``suffixes``, its folder
+    does not exist or accepts no new file), or None: checked before the slow work, for an argparse one-line
+    error."""
+    path = pathlib.Path(path)
+    if path.suffix not in suffixes:
+        return f"must end in {' or '.join(suffixes)}"
+    folder = path.resolve().parent
+    if not folder.is_dir():
+        return f"folder {path.parent} does not exist"
+    try:
+        _probe_writable(folder, path)
+    except OutputError as err:
+        return err.problem
+    return None
+
+
 def _nearest_existing(path: pathlib.Path) -> pathlib.Path:
     path = path.absolute()
     while not path.exists() and path.parent != path:

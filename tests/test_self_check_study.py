@@ -55,7 +55,7 @@ def test_study_matches_register_and_evaluate(gland_model, phantom_dir, tmp_path)
     assert "Spearman check_dsc vs TRE: rho = " in text
 
 
-def test_a_model_without_segmenter_and_bad_flags_are_refused(trained_model, tmp_path):
+def test_a_model_without_segmenter_and_bad_flags_are_refused(trained_model, tmp_path, readonly_dir):
     model_dir, _ = trained_model
     output = tmp_path / "study.md"
     run = subprocess.run([sys.executable, str(TOOLS / "self_check_study.py"), "--model_dir", str(model_dir),
@@ -64,6 +64,7 @@ def test_a_model_without_segmenter_and_bad_flags_are_refused(trained_model, tmp_
     assert run.returncode == 2 and len(errors) == 1 and "TRUS volume centre" in errors[0], run.stderr[-2000:]
     assert not output.exists()
     for args in (["--min_dsc", "0.8,x"], ["--min_dsc", "1.5"], ["--fold", "-1"], ["--output", str(tmp_path / "a.txt")],
-                 ["--output", str(tmp_path / "no" / "a.md")]):
+                 ["--output", str(tmp_path / "no" / "a.md")], ["--output", str(readonly_dir / "a.md")]):
         with pytest.raises(SystemExit):
             tool.parse_args(["--model_dir", str(model_dir), *args])
+    assert list(readonly_dir.iterdir()) == []

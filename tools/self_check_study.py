@@ -30,6 +30,8 @@ import tempfile
 import numpy as np
 import pandas as pd
 
+from label_reg import io as lio
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 DEFAULT_THRESHOLDS = (0.70, 0.75, 0.80, 0.82, 0.85)
@@ -141,16 +143,14 @@ def parse_args(argv=None):
         parser.error(f"--min_dsc {args.min_dsc}: thresholds must lie in (0, 1]")
     if args.fold is not None and args.fold < 0:
         parser.error(f"--fold {args.fold}: must be a non-negative integer")
-    if args.output and pathlib.Path(args.output).suffix not in (".md", ".csv"):
-        parser.error(f"--output {args.output}: must end in .md or .csv")
-    if args.output and not pathlib.Path(args.output).resolve().parent.is_dir():
-        parser.error(f"--output {args.output}: folder {pathlib.Path(args.output).parent} does not exist")
+    problem = args.output and lio.report_file_problem(args.output)
+    if problem:
+        parser.error(f"--output {args.output}: {problem}")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    from label_reg import io as lio
     from label_reg.errors import InputError
     try:
         table = study(args.model_dir, args.data_dir, args.fold, args.progress)

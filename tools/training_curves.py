@@ -25,6 +25,9 @@ import sys
 import numpy as np
 import pandas as pd
 
+from label_reg import io as lio
+from label_reg.errors import InputError
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # tensorboard's event reader imports TensorFlow
 
 DEFAULT_TAGS = ("val/tre_mm_median", "val/dsc_median")
@@ -156,10 +159,9 @@ def parse_args(argv=None):
     names = [pathlib.Path(r).name for r in args.runs]
     if len(set(names)) != len(names):
         parser.error("runs: two folders share a name, the columns would collide: " + ", ".join(args.runs))
-    if args.output and pathlib.Path(args.output).suffix not in (".md", ".csv"):
-        parser.error(f"--output {args.output}: must end in .md or .csv")
-    if args.output and not pathlib.Path(args.output).resolve().parent.is_dir():
-        parser.error(f"--output {args.output}: folder {pathlib.Path(args.output).parent} does not exist")
+    problem = args.output and lio.report_file_problem(args.output)
+    if problem:
+        parser.error(f"--output {args.output}: {problem}")
     return args
 
 
@@ -174,14 +176,10 @@ def main(argv=None):
     text = markdown(long, args.tags, kept, args.smooth)
     if args.output:
         output = pathlib.Path(args.output)
-        content = long.to_csv(index=False) if output.suffix == ".csv" else text
-        partial = output.with_name(output.name + ".partial")
         try:
-            partial.write_text(content)
-            partial.replace(output)
-        except OSError as error:
-            partial.unlink(missing_ok=True)
-            print(f"error: {output}: cannot write ({error.strerror or error})", file=sys.stderr)
+            lio.write_text(output, long.to_csv(index=False) if output.suffix == ".csv" else text)
+        except InputError as error:  # OutputError: full disk, read-only folder, size limit
+            print(f"error: {error}", file=sys.stderr)
             return 1
     print(text, end="")
     return 0
