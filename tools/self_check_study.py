@@ -42,7 +42,6 @@ def case_row(registrar, pair, folder):
     """One pair registered by ``registrar`` into ``folder``: a dict of :data:`COLUMNS`."""
     import SimpleITK as sitk
 
-    from label_reg import io as lio
     from label_reg.evaluate import landmark_centroids_world
     from label_reg.preprocess import gland_centre_of_mass
 
