@@ -23,6 +23,7 @@ def test_study_matches_register_and_evaluate(gland_model, phantom_dir, tmp_path)
     assert tool.main(["--model_dir", str(gland_model), "--data_dir", str(phantom_dir), "--output", str(output),
                       "--noprogress"]) == 0
     table = pd.read_csv(output).set_index("case")
+    assert (table["run"] == gland_model.name).all()
     info, _ = md.read_info(gland_model)
     _, pairs, _ = resolve_cases(info, phantom_dir)
     assert list(table.index) == [p.name for p in pairs] and len(pairs) >= 3
@@ -53,6 +54,10 @@ def test_study_matches_register_and_evaluate(gland_model, phantom_dir, tmp_path)
     assert f"| {bottom:g} | 0 of {len(rows)} | – |" in text
     assert f"| {top:g} | {len(rows)} of {len(rows)} | " in text
     assert "Spearman check_dsc vs TRE: rho = " in text
+    # Two runs pooled: every pair counted under each, named with its run.
+    pooled = pd.concat([rows, rows.assign(run="other")], ignore_index=True)
+    text = tool.markdown(pooled, [top], "m, other")
+    assert f"| {top:g} | {2 * len(rows)} of {2 * len(rows)} | " in text and f"{pair.name} of other (" in text
 
 
 def test_a_model_without_segmenter_and_bad_flags_are_refused(trained_model, tmp_path, readonly_dir):
@@ -63,7 +68,7 @@ def test_a_model_without_segmenter_and_bad_flags_are_refused(trained_model, tmp_
     errors = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
     assert run.returncode == 2 and len(errors) == 1 and "TRUS volume centre" in errors[0], run.stderr[-2000:]
     assert not output.exists()
-    for args in (["--min_dsc", "0.8,x"], ["--min_dsc", "1.5"], ["--fold", "-1"], ["--output", str(tmp_path / "a.txt")],
+    for args in ([str(model_dir)], ["--min_dsc", "0.8,x"], ["--min_dsc", "1.5"], ["--fold", "-1"], ["--output", str(tmp_path / "a.txt")],
                  ["--output", str(tmp_path / "no" / "a.md")], ["--output", str(readonly_dir / "a.md")]):
         with pytest.raises(SystemExit):
             tool.parse_args(["--model_dir", str(model_dir), *args])

@@ -1,12 +1,12 @@
 """Does `register`'s self-check see the bad registrations? Registers a found-gland model's held-out pairs as the
 product does and sets each self-check beside the registration's landmark error.
 
-    python tools/self_check_study.py --model_dir RUN [--data_dir DATA] [--fold K]
+    python tools/self_check_study.py --model_dir RUN [RUN ...] [--data_dir DATA] [--fold K]
         [--min_dsc 0.7,0.75,0.8,0.82,0.85] [--output FILE.md|FILE.csv] [--noprogress]
 
-RUN is a ``label-reg train --prealign=trus_gland`` model directory (it carries its segmenter). The cases are the ones
-``label-reg evaluate`` would score: the run's held-out fold (or ``--fold K``) of its data directory (or
-``--data_dir``). Each pair goes through ``label_reg.register.Registrar`` with its default thresholds, into a
+Each RUN is a ``label-reg train --prealign=trus_gland`` model directory (it carries its segmenter); several runs (e.g.
+the folds of a cross-validation) are pooled into one table with a ``run`` column. The cases of a run are the ones
+``label-reg evaluate`` would score: its held-out fold (or ``--fold K``) of its data directory (or ``--data_dir``). Each pair goes through ``label_reg.register.Registrar`` with its default thresholds, into a
 temporary folder, so the check is exactly the one ``register`` prints. Per case:
 
 * ``check_dsc``, ``check_centre_mm``, ``check_passed``: the self-check (``registration.json``'s ``quality_check``);
@@ -35,7 +35,7 @@ from label_reg import io as lio
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 DEFAULT_THRESHOLDS = (0.70, 0.75, 0.80, 0.82, 0.85)
-COLUMNS = ["case", "check_dsc", "check_centre_mm", "check_passed", "segmenter_centre_error_mm", "tre_world_mm"]
+COLUMNS = ["run", "case", "check_dsc", "check_centre_mm", "check_passed", "segmenter_centre_error_mm", "tre_world_mm"]
 
 
 def case_row(registrar, pair, folder):
@@ -60,7 +60,7 @@ def case_row(registrar, pair, folder):
                                 - moving_landmarks[k])
                  for k in range(count)
                  if np.all(np.isfinite(fixed_landmarks[k])) and np.all(np.isfinite(moving_landmarks[k]))]
-    return {"case": pair.name, "check_dsc": check["dsc"], "check_centre_mm": check["centre_distance_mm"],
+    return {"run": pathlib.Path(registrar.model_dir).name, "case": pair.name, "check_dsc": check["dsc"], "check_centre_mm": check["centre_distance_mm"],
             "check_passed": check["passed"], "segmenter_centre_error_mm": float(np.linalg.norm(found - true_centre)),
             "tre_world_mm": float(np.mean(distances)) if distances else float("nan")}
 
@@ -99,7 +99,9 @@ def thresholds_table(table, thresholds):
     for threshold in thresholds:
         flagged = table[table["check_dsc"] < threshold]
         kept = table[~(table["check_dsc"] < threshold)]
-        names = ", ".join(f"{r.case} ({r.tre_world_mm:.1f})" for r in flagged.sort_values("check_dsc").itertuples())
+        several = table["run"].nunique() > 1
+        names = ", ".join(f"{r.case}{f' of {r.run}' if several else ''} ({r.tre_world_mm:.1f})"
+                          for r in flagged.sort_values("check_dsc").itertuples())
         median = [f"{frame['tre_world_mm'].median():.2f}" if len(frame) else "–" for frame in (flagged, kept)]
         lines.append(f"| {threshold:g} | {len(flagged)} of {len(table)} | {names or '–'} | {median[0]} | "
                      f"{median[1]} |")
@@ -126,7 +128,8 @@ def markdown(table, thresholds, title):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_dir", required=True, help="a --prealign=trus_gland model directory")
+    parser.add_argument("--model_dir", required=True, nargs="+",
+                        help="--prealign=trus_gland model directories (several: pooled)")
     parser.add_argument("--data_dir", help="paired data folder (default: the one the model trained on)")
     parser.add_argument("--fold", type=int, help="validation fold K (default: the one the model held out)")
     parser.add_argument("--min_dsc", default=",".join(f"{t:g}" for t in DEFAULT_THRESHOLDS),
@@ -140,6 +143,10 @@ def parse_args(argv=None):
         parser.error(f"--min_dsc {args.min_dsc}: comma-separated numbers expected")
     if not args.min_dsc or not all(0.0 < t <= 1.0 for t in args.min_dsc):
         parser.error(f"--min_dsc {args.min_dsc}: thresholds must lie in (0, 1]")
+    names = [pathlib.Path(run).name for run in args.model_dir]
+    if len(set(names)) != len(names):
+        parser.error("--model_dir: two folders share a name, their rows would not be told apart: "
+                     + ", ".join(args.model_dir))
     if args.fold is not None and args.fold < 0:
         parser.error(f"--fold {args.fold}: must be a non-negative integer")
     problem = args.output and lio.report_file_problem(args.output)
@@ -152,8 +159,9 @@ def main(argv=None):
     args = parse_args(argv)
     from label_reg.errors import InputError
     try:
-        table = study(args.model_dir, args.data_dir, args.fold, args.progress)
-        text = markdown(table, args.min_dsc, pathlib.Path(args.model_dir).name)
+        table = pd.concat([study(run, args.data_dir, args.fold, args.progress) for run in args.model_dir],
+                          ignore_index=True)
+        text = markdown(table, args.min_dsc, ", ".join(pathlib.Path(run).name for run in args.model_dir))
         if args.output:
             output = pathlib.Path(args.output)
             lio.write_text(output, table.to_csv(index=False) if output.suffix == ".csv" else text)
