@@ -68,8 +68,9 @@ def test_a_model_without_segmenter_and_bad_flags_are_refused(trained_model, tmp_
     errors = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
     assert run.returncode == 2 and len(errors) == 1 and "TRUS volume centre" in errors[0], run.stderr[-2000:]
     assert not output.exists()
-    for args in ([str(model_dir)], ["--min_dsc", "0.8,x"], ["--min_dsc", "1.5"], ["--fold", "-1"], ["--output", str(tmp_path / "a.txt")],
-                 ["--output", str(tmp_path / "no" / "a.md")], ["--output", str(readonly_dir / "a.md")]):
+    for args in ([str(model_dir)], ["--min_dsc", "0.8,x"], ["--min_dsc", "1.5"], ["--fold", "-1"],
+                 ["--output", str(tmp_path / "a.txt")], ["--output", str(tmp_path / "no" / "a.md")],
+                 ["--output", str(readonly_dir / "a.md")]):
         with pytest.raises(SystemExit):
             tool.parse_args(["--model_dir", str(model_dir), *args])
     assert list(readonly_dir.iterdir()) == []

@@ -6,8 +6,9 @@ product does and sets each self-check beside the registration's landmark error.
 
 Each RUN is a ``label-reg train --prealign=trus_gland`` model directory (it carries its segmenter); several runs (e.g.
 the folds of a cross-validation) are pooled into one table with a ``run`` column. The cases of a run are the ones
-``label-reg evaluate`` would score: its held-out fold (or ``--fold K``) of its data directory (or ``--data_dir``). Each pair goes through ``label_reg.register.Registrar`` with its default thresholds, into a
-temporary folder, so the check is exactly the one ``register`` prints. Per case:
+``label-reg evaluate`` would score: its held-out fold (or ``--fold K``) of its data directory (or ``--data_dir``).
+Each pair goes through ``label_reg.register.Registrar`` with its default thresholds, into a temporary folder, so the
+check is exactly the one ``register`` prints. Per case:
 
 * ``check_dsc``, ``check_centre_mm``, ``check_passed``: the self-check (``registration.json``'s ``quality_check``);
 * ``segmenter_centre_error_mm``: the found TRUS gland centre the pre-alignment used against the centre of mass of
@@ -17,9 +18,9 @@ temporary folder, so the check is exactly the one ``register`` prints. Per case:
   p -> MR point p + d(p), read back with SimpleITK). NaN for a pair without landmarks.
 
 Below the table: Spearman's rank correlation of ``check_dsc`` and ``check_centre_mm`` with the TRE, and for each DSC
-threshold of ``--min_dsc``, the cases a check at that threshold would flag (DSC below it) with their TRE. The
-threshold that flags the worst registrations and nothing else is what ``--check_min_dsc`` should be; one fold is
-18 pairs, so read it with the other folds.
+threshold of ``--min_dsc``, the cases a check at that threshold would flag (DSC below it) with their TRE. A
+threshold for ``register --check_min_dsc`` should flag the worst registrations and little else on every fold; one
+fold is 18 pairs, so pool the folds.
 """
 import argparse
 import os
@@ -60,8 +61,9 @@ def case_row(registrar, pair, folder):
                                 - moving_landmarks[k])
                  for k in range(count)
                  if np.all(np.isfinite(fixed_landmarks[k])) and np.all(np.isfinite(moving_landmarks[k]))]
-    return {"run": pathlib.Path(registrar.model_dir).name, "case": pair.name, "check_dsc": check["dsc"], "check_centre_mm": check["centre_distance_mm"],
-            "check_passed": check["passed"], "segmenter_centre_error_mm": float(np.linalg.norm(found - true_centre)),
+    return {"run": pathlib.Path(registrar.model_dir).name, "case": pair.name, "check_dsc": check["dsc"],
+            "check_centre_mm": check["centre_distance_mm"], "check_passed": check["passed"],
+            "segmenter_centre_error_mm": float(np.linalg.norm(found - true_centre)),
             "tre_world_mm": float(np.mean(distances)) if distances else float("nan")}
 
 
