@@ -67,7 +67,7 @@ def batch_schedule(num_cases, batch_size, num_steps, seed):
     return order[:needed].reshape(num_steps, batch_size)
 
 
-def augment_batch(batch, seed, scale, rotation_deg=0.0):
+def augment_batch(batch, seed, scale, rotation_deg=0.0, shift_voxels=0.0):
     """Random affine augmentation of a batch dict, MR and TRUS drawn independently (stateless, seed shape [2]).
 
     The image, gland mask, landmarks and SDM of one side share a draw, so they stay aligned; a side none of whose
@@ -75,8 +75,10 @@ def augment_batch(batch, seed, scale, rotation_deg=0.0):
     ``scale``: NiftyNet's corner scale (:func:`label_reg.layers.random_affine`, 0 = none). ``rotation_deg``: the TRUS
     side is also turned rigidly about the crop centre by up to this many degrees about a random axis
     (:func:`label_reg.layers.random_rotation`, drawn from its own stream, so 0 leaves every other draw unchanged).
+    ``shift_voxels``: the MR side is also translated by N(0, shift_voxels) voxels per axis
+    (:func:`label_reg.layers.random_shift`, its own stream too), as if the pre-alignment had missed by that much.
     """
-    if scale <= 0 and rotation_deg <= 0:
+    if scale <= 0 and rotation_deg <= 0 and shift_voxels <= 0:
         return batch
     out = dict(batch)
     first = next(iter(batch.values()))
@@ -92,6 +94,10 @@ def augment_batch(batch, seed, scale, rotation_deg=0.0):
                                               tf.random.experimental.stateless_fold_in(side_seed, 1),
                                               tf.shape(first)[1:4])
             transforms = layers.compose_affines(rotation, transforms)
+        if name == "moving" and shift_voxels > 0:
+            shift = layers.random_shift(size, shift_voxels, tf.random.experimental.stateless_fold_in(side_seed, 2),
+                                        tf.shape(first)[1:4])
+            transforms = layers.compose_affines(shift, transforms)
         stacked = tf.concat([batch[k] for k in keys], axis=-1)
         warped = layers.apply_affine(stacked, transforms, boundary="replicate")
         start = 0
@@ -115,7 +121,7 @@ def _stack(cases, keys=TRAINING_KEYS, num_landmarks=None):
 
 def training_dataset(cases, global_batch_size, num_steps, seed, start_step=0, augment_scale=0.1,
                      num_replicas=1, replica_offset=0, replicas_here=None, keys=TRAINING_KEYS, num_landmarks=None,
-                     augment_rotation_deg=0.0):
+                     augment_rotation_deg=0.0, augment_shift_voxels=0.0):
     """Per-replica training batches for steps ``start_step .. num_steps - 1``.
 
     Yields, for every step, one element per local replica (``replicas_here`` of them, global replica ids from
@@ -123,7 +129,8 @@ def training_dataset(cases, global_batch_size, num_steps, seed, start_step=0, au
     ``tf.distribute`` hands elements to local replicas. With one replica it is simply one batch per step.
     ``keys``: the volumes each element holds (a subset of :data:`TRAINING_KEYS` that every case provides, plus
     :data:`LANDMARK_KEYS` if asked, with ``num_landmarks`` channels: default the most any case has).
-    ``augment_scale`` / ``augment_rotation_deg``: see :func:`augment_batch`.
+    ``augment_scale`` / ``augment_rotation_deg`` / ``augment_shift_voxels``: see :func:`augment_batch`
+    (``scale``, ``rotation_deg``, ``shift_voxels``).
     """
     keys = tuple(keys)
     if global_batch_size % num_replicas:
@@ -143,7 +150,7 @@ def training_dataset(cases, global_batch_size, num_steps, seed, start_step=0, au
         values = tf.numpy_function(take, [step, replica], [tf.float32] * len(keys), stateful=False)
         batch = {k: tf.ensure_shape(v, (per_replica,) + arrays[k].shape[1:]) for k, v in zip(keys, values)}
         seed_pair = tf.stack([tf.cast(seed, tf.int64), step * num_replicas + replica])
-        return augment_batch(batch, seed_pair, augment_scale, augment_rotation_deg)
+        return augment_batch(batch, seed_pair, augment_scale, augment_rotation_deg, augment_shift_voxels)
 
     count = (num_steps - start_step) * replicas_here
     dataset = tf.data.Dataset.range(count).map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

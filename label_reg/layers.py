@@ -331,6 +331,20 @@ def random_rotation(batch_size, max_deg, seed, spatial_shape):
     return tf.concat([linear, tf.zeros([batch_size, 1, 3])], axis=1)
 
 
+def random_shift(batch_size, sd_voxels, seed, spatial_shape):
+    """Draw ``batch_size`` pure translations as (B, 4, 3) affines in the normalised coordinates of
+    :func:`apply_affine` (``source = [x, 1] @ A``), from a stateless ``seed`` (int tensor of shape [2]).
+
+    Each voxel axis is shifted by N(0, ``sd_voxels``) voxels (one draw per sample and axis, the same everywhere in
+    the volume: ``source = x + t``), stored as ``t / h`` with ``h = (shape - 1) / 2``. ``sd_voxels`` 0 gives the
+    identity. On an isotropic grid of spacing s, ``sd_voxels = sd_mm / s``.
+    """
+    half = tf.maximum((tf.cast(tf.convert_to_tensor(spatial_shape), tf.float32) - 1.0) / 2.0, 1e-6)
+    shift = tf.random.stateless_normal([batch_size, 3], seed=seed) * float(sd_voxels)
+    linear = tf.eye(3, batch_shape=[batch_size])
+    return tf.concat([linear, (shift / half[None, :])[:, None, :]], axis=1)
+
+
 def compose_affines(first, then):
     """The (B, 4, 3) affine of ``first`` then ``then`` (both (B, 4, 3), row vectors: ``[[x, 1] @ first, 1] @ then``)."""
     first, then = tf.convert_to_tensor(first, tf.float32), tf.convert_to_tensor(then, tf.float32)

@@ -22,6 +22,7 @@ how the best model is saved. The registration network's task is :data:`label_reg
 """
 import dataclasses
 import json
+import math
 import os
 import pathlib
 import signal
@@ -66,6 +67,9 @@ class RunConfig:
     augment_rotation_deg: float = option(0.0, "Also turn the TRUS side of each training sample rigidly about the "
                                               "crop centre by a random angle up to this many degrees about a random "
                                               "axis (0 = off, the paper).")
+    augment_shift_mm: float = option(0.0, "Also shift the MR side of each training sample by a random translation, "
+                                          "N(0, this many mm) per axis, as if the pre-alignment had missed by that "
+                                          "much (0 = off, the paper; a network without the MR side ignores it).")
     num_folds: int = option(5, "Cross-validation folds.")
     fold: int = option(0, "Fold held out for validation.")
     split_seed: int = option(0, "Seed of the fold assignment.")
@@ -90,6 +94,9 @@ class RunConfig:
             check_angle("augment_rotation_deg", self.augment_rotation_deg)
         except ValueError as err:
             raise InputError("--augment_rotation_deg", str(err).removeprefix("augment_rotation_deg ")) from None
+        shift = float(self.augment_shift_mm)
+        if not (math.isfinite(shift) and shift >= 0.0):
+            raise InputError("--augment_shift_mm", f"must be a finite number of mm, 0 or more, got {shift}")
         keep, every = int(self.keep_checkpoint_every), int(self.checkpoint_every)
         if keep < 0 or (keep and (every <= 0 or keep % every)):
             raise InputError("--keep_checkpoint_every", f"must be 0 or a positive multiple of --checkpoint_every "
@@ -272,7 +279,8 @@ class Trainer:
                 self.train_cases, self.global_batch, int(config.num_steps), int(config.seed), start_step,
                 float(config.augment_scale), num_replicas=self.replicas,
                 replica_offset=context.input_pipeline_id * local, replicas_here=local, keys=self.task.keys,
-                augment_rotation_deg=float(config.augment_rotation_deg))
+                augment_rotation_deg=float(config.augment_rotation_deg),
+                augment_shift_voxels=float(config.augment_shift_mm) / float(config.spacing_mm))
 
         return self.strategy.distribute_datasets_from_function(dataset_fn)
 

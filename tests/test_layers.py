@@ -172,6 +172,32 @@ def test_random_rotation_is_rigid_in_voxels_and_bounded_by_its_angle():
     assert np.linalg.norm(centroid - [22.0, 16.0, 16.0]) > 1.0 and turned.sum() == pytest.approx(blob.sum(), rel=0.02)
 
 
+def test_random_shift_is_a_translation_of_the_asked_spread_in_voxels():
+    shape = (40, 32, 24)
+    transforms = layers.random_shift(2000, 2.5, tf.constant([5, 6]), shape).numpy()
+    coords = layers.affine_coords(transforms[:3], shape).numpy()
+    offsets = coords - layers.identity_grid(shape).numpy()[None]
+    # The same offset at every voxel (a translation, no turn or zoom), different per sample.
+    np.testing.assert_allclose(offsets, np.broadcast_to(offsets[:, :1, :1, :1], offsets.shape), atol=1e-4)
+    assert np.abs(offsets[0, 0, 0, 0] - offsets[1, 0, 0, 0]).max() > 0.1
+    voxels = transforms[:, 3] * (np.array(shape) - 1) / 2.0
+    np.testing.assert_allclose(voxels.std(axis=0), 2.5, rtol=0.08)  # N(0, 2.5) voxels on each axis
+    np.testing.assert_allclose(voxels.mean(axis=0), 0.0, atol=0.2)
+    np.testing.assert_allclose(transforms[:, :3], np.broadcast_to(np.eye(3), (2000, 3, 3)))
+    still = layers.random_shift(2, 0.0, tf.constant([5, 6]), shape).numpy()
+    np.testing.assert_array_equal(still, np.broadcast_to(np.eye(4, 3), (2, 4, 3)))
+    # Applied to a volume: a blob moves by minus the offset (source = x + t) and keeps its size.
+    cube = (33, 33, 33)
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in cube], indexing="ij"), -1)
+    blob = (np.sum((grid - 16.0) ** 2, -1) < 25).astype(np.float32)[None, ..., None]
+    shift = layers.random_shift(1, 3.0, tf.constant([1, 2]), cube)
+    moved = layers.apply_affine(blob, shift).numpy()[0, ..., 0]
+    centroid = (grid * moved[..., None]).sum((0, 1, 2)) / moved.sum()
+    expected = 16.0 - shift.numpy()[0, 3] * 16.0
+    np.testing.assert_allclose(centroid, expected, atol=0.05)
+    assert np.linalg.norm(centroid - 16.0) > 1.0 and moved.sum() == pytest.approx(blob.sum(), rel=0.01)
+
+
 def test_compose_affines_applies_the_first_then_the_second():
     rng = np.random.default_rng(0)
     first, then = rng.normal(size=(2, 4, 3)), rng.normal(size=(2, 4, 3))

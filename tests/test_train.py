@@ -132,6 +132,27 @@ def test_pipeline_steps_are_reproducible_and_augmentation_differs_between_steps(
     both = list(data_lib.training_dataset(cases, 2, 4, seed=1, augment_scale=0.1, augment_rotation_deg=30.0)
                 .as_numpy_iterator())
     np.testing.assert_array_equal(both[0]["moving_image"], first[0]["moving_image"])  # the MR draw is unchanged
+    # Shift augmentation translates the MR side only (image and labels by the same offset), from its own stream.
+    shifted = list(data_lib.training_dataset(cases, 2, 4, seed=1, augment_scale=0.0, augment_shift_voxels=2.0)
+                   .as_numpy_iterator())
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in plain[0]["moving_label"].shape[1:4]], indexing="ij"), -1)
+
+    def centroids(labels):
+        return np.einsum("bxyz,xyzk->bk", labels[..., 0], grid) / labels[..., 0].sum((1, 2, 3))[:, None]
+
+    moves = []
+    for a, b in zip(plain, shifted):
+        for key in ("fixed_image", "fixed_label"):
+            np.testing.assert_array_equal(b[key], a[key])
+        np.testing.assert_allclose(b["moving_label"].sum((1, 2, 3, 4)), a["moving_label"].sum((1, 2, 3, 4)),
+                                   rtol=0.03)
+        moves.append(centroids(b["moving_label"]) - centroids(a["moving_label"]))
+        assert not np.allclose(b["moving_image"], a["moving_image"], atol=1e-3)
+    moves = np.concatenate(moves)  # 8 samples x 3 axes, voxels
+    assert 1.0 < np.sqrt(np.mean(moves ** 2)) < 3.5 and np.ptp(moves, axis=0).min() > 1.0
+    both = list(data_lib.training_dataset(cases, 2, 4, seed=1, augment_scale=0.1, augment_shift_voxels=2.0)
+                .as_numpy_iterator())
+    np.testing.assert_array_equal(both[0]["fixed_image"], first[0]["fixed_image"])  # the TRUS draw is unchanged
 
 
 def test_train_flags_are_the_config_fields_and_the_presets_parse():
@@ -163,6 +184,9 @@ def test_train_flags_are_the_config_fields_and_the_presets_parse():
     for angle in (-1.0, 181.0, float("nan")):
         with pytest.raises(InputError, match="--augment_rotation_deg: must be between 0 and 180 degrees"):
             dataclasses.replace(config, augment_rotation_deg=angle)
+    for shift in (-0.5, float("inf"), float("nan")):
+        with pytest.raises(InputError, match="--augment_shift_mm: must be a finite number of mm, 0 or more"):
+            dataclasses.replace(config, augment_shift_mm=shift)
     for keep in (-250, 100, 375):  # the CPU preset checkpoints every 250 steps
         with pytest.raises(InputError, match=rf"--keep_checkpoint_every: must be 0 or a positive multiple of "
                                              rf"--checkpoint_every \(250\), got {keep}"):
