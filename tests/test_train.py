@@ -132,7 +132,7 @@ def test_pipeline_steps_are_reproducible_and_augmentation_differs_between_steps(
     both = list(data_lib.training_dataset(cases, 2, 4, seed=1, augment_scale=0.1, augment_rotation_deg=30.0)
                 .as_numpy_iterator())
     np.testing.assert_array_equal(both[0]["moving_image"], first[0]["moving_image"])  # the MR draw is unchanged
-    # Shift augmentation translates the MR side only (image and labels by the same offset), from its own stream.
+    # Shift augmentation translates the MR side only, from its own stream: the MR gland moves and keeps its size.
     shifted = list(data_lib.training_dataset(cases, 2, 4, seed=1, augment_scale=0.0, augment_shift_voxels=2.0)
                    .as_numpy_iterator())
     grid = np.stack(np.meshgrid(*[np.arange(n) for n in plain[0]["moving_label"].shape[1:4]], indexing="ij"), -1)
