@@ -309,6 +309,12 @@ def random_affine(batch_size, scale, seed):
     return affine_from_corners(tf.constant(_CORNERS[:, :3])[None] * factors)
 
 
+def _half_extent(spatial_shape):
+    """``h = (shape - 1) / 2`` per axis as float32 (at least 1e-6): the voxel half extent that the normalised
+    coordinates of :func:`apply_affine` divide by."""
+    return tf.maximum((tf.cast(tf.convert_to_tensor(spatial_shape), tf.float32) - 1.0) / 2.0, 1e-6)
+
+
 def random_rotation(batch_size, max_deg, seed, spatial_shape):
     """Draw ``batch_size`` rigid rotations about the volume centre as (B, 4, 3) affines in the normalised coordinates
     of :func:`apply_affine` (``source = [x, 1] @ A``), from a stateless ``seed`` (int tensor of shape [2]).
@@ -326,7 +332,7 @@ def random_rotation(batch_size, max_deg, seed, spatial_shape):
     k = tf.reshape(tf.stack([zero, -z, y, z, zero, -x, -y, x, zero], axis=-1), [-1, 3, 3])
     sin, cos = tf.sin(angle)[:, None, None], tf.cos(angle)[:, None, None]
     q = tf.eye(3, batch_shape=[batch_size]) + sin * k + (1.0 - cos) * tf.matmul(k, k)
-    half = tf.maximum((tf.cast(tf.convert_to_tensor(spatial_shape), tf.float32) - 1.0) / 2.0, 1e-6)
+    half = _half_extent(spatial_shape)
     linear = half[None, :, None] * tf.transpose(q, [0, 2, 1]) / half[None, None, :]
     return tf.concat([linear, tf.zeros([batch_size, 1, 3])], axis=1)
 
@@ -339,7 +345,7 @@ def random_shift(batch_size, sd_voxels, seed, spatial_shape):
     the volume: ``source = x + t``), stored as ``t / h`` with ``h = (shape - 1) / 2``. ``sd_voxels`` 0 gives the
     identity. On an isotropic grid of spacing s, ``sd_voxels = sd_mm / s``.
     """
-    half = tf.maximum((tf.cast(tf.convert_to_tensor(spatial_shape), tf.float32) - 1.0) / 2.0, 1e-6)
+    half = _half_extent(spatial_shape)
     shift = tf.random.stateless_normal([batch_size, 3], seed=seed) * float(sd_voxels)
     linear = tf.eye(3, batch_shape=[batch_size])
     return tf.concat([linear, (shift / half[None, :])[:, None, :]], axis=1)
