@@ -59,12 +59,13 @@ from label_reg import transform
 from label_reg.cache import CaseCache
 from label_reg.errors import InputError
 from label_reg.preprocess import Preprocessed, preprocess_pair
+from label_reg.recentre import check_passes, recentre
 
 __all__ = [
     "COARSE", "COARSE_FOUND", "COARSE_TRUE", "PREALIGNMENT_ROWS", "FOUND_SUFFIX", "TRUE_SUFFIX", "METRIC_COLUMNS",
-    "SEGMENTER_COLUMNS", "AFFINE_COLUMNS", "RESULT_COLUMNS", "affine_columns", "affine_note", "method_name",
-    "resolve_cases", "Evaluator", "landmark_centroids_world", "world_tre_mm", "summary_table", "summary_markdown",
-    "segmenter_table", "read_per_case", "evaluate", "EvaluationResult",
+    "SEGMENTER_COLUMNS", "AFFINE_COLUMNS", "RECENTRE_COLUMNS", "RESULT_COLUMNS", "RECENTRED_SUFFIX", "affine_columns",
+    "affine_note", "method_name", "resolve_cases", "Evaluator", "landmark_centroids_world", "world_tre_mm",
+    "summary_table", "summary_markdown", "segmenter_table", "read_per_case", "evaluate", "EvaluationResult",
 ]
 
 COARSE = "Coarse"
@@ -77,7 +78,8 @@ METRIC_COLUMNS = ("dsc", "dsc_base", "dsc_mid", "dsc_apex", "tre_mm", "tre_world
                   "jacobian_gradient", "folding_fraction", "landmarks_missing")
 SEGMENTER_COLUMNS = ("segmenter_dsc", "segmenter_centre_error_mm")
 AFFINE_COLUMNS = ("affine_rotation_deg", "affine_shift_mm", "affine_scale_min", "affine_scale_max")
-RESULT_COLUMNS = ("case", "method", "fold") + METRIC_COLUMNS + SEGMENTER_COLUMNS + AFFINE_COLUMNS
+RECENTRE_COLUMNS = ("recentre_shift_mm", "recentre_centre_error_mm")
+RESULT_COLUMNS = ("case", "method", "fold") + METRIC_COLUMNS + SEGMENTER_COLUMNS + AFFINE_COLUMNS + RECENTRE_COLUMNS
 WORLD_TRE_HEADER = "TRE world mm"
 
 
@@ -85,6 +87,7 @@ WORLD_TRE_HEADER = "TRE world mm"
 LANDMARK_SUFFIX = " landmarks"
 AFFINE_SUFFIX = " affine"
 SUPERVISED_AFFINE_SUFFIX = " supervised affine"  # the stage also trained alone (training.affine_label_weight > 0)
+RECENTRED_SUFFIX = " recentred"  # the model row of a found-gland model scored after re-centring passes
 
 
 def method_name(info) -> str:
@@ -468,7 +471,7 @@ def _segmenter_source(model_dir, info, config, segmenter_dir):
 
 def evaluate(model_dir, output_dir, data_dir=None, cases_csv=None, split="val", fold=None, method=None,
              cache_dir=None, figures=False, progress=True, evaluator=None, stream=None, segmenter_dir=None,
-             true_gland_model_row=False, finder=None) -> EvaluationResult:
+             true_gland_model_row=False, finder=None, recentre_passes=0) -> EvaluationResult:
     """Evaluate a model directory and write ``OUT/per_case.csv`` and ``OUT/summary.md`` (and, with ``figures``,
     PNGs of the best, median and worst case by gland DSC into ``OUT/figures/``). Prints the summary to ``stream``
     (default stdout) and a progress line per case to stderr. ``evaluator`` reuses a loaded :class:`Evaluator`.
@@ -479,6 +482,10 @@ def evaluate(model_dir, output_dir, data_dir=None, cases_csv=None, split="val", 
     model a given name gets " (found gland)" appended, as the default has it); with ``true_gland_model_row`` the
     network on the true gland centre too (``<name> (true gland)``; ``Coarse (true gland)`` is then always present).
     ``finder`` reuses a loaded :class:`label_reg.segmenter.GlandFinder` of that segmenter.
+    ``recentre_passes`` N > 0 (found-gland models only): the model row is the registration after N re-centring
+    passes (:mod:`label_reg.recentre`), as ``label-reg register --recentre_passes=N`` does it; its default name gets
+    " recentred" before " (found gland)", and its ``recentre_shift_mm`` column says how far the anchor moved from the
+    found centre (NaN on the other rows). The true-gland row is never re-centred.
 
     The output folder is checked writable before the model loads; every case's inputs are read and checked before
     any case is scored; a run that fails leaves no output folder or cache it created behind."""
@@ -487,24 +494,25 @@ def evaluate(model_dir, output_dir, data_dir=None, cases_csv=None, split="val", 
     created = [folder for folder in (output_dir, cache_root) if not folder.exists()]
     with _removed_on_error(created):
         return _evaluate(model_dir, output_dir, data_dir, cases_csv, split, fold, method, cache_dir, figures, progress,
-                         evaluator, stream, segmenter_dir, true_gland_model_row, finder)
+                         evaluator, stream, segmenter_dir, true_gland_model_row, finder, recentre_passes)
 
 
 def _evaluate(model_dir, output_dir, data_dir, cases_csv, split, fold, method, cache_dir, figures, progress,
-              evaluator, stream, segmenter_dir, true_gland_model_row, finder):
+              evaluator, stream, segmenter_dir, true_gland_model_row, finder, recentre_passes):
     """:func:`evaluate` once the output folder is checked."""
     stream = sys.stdout if stream is None else stream
     if evaluator is None:
         evaluator = Evaluator.from_model_dir(model_dir)
     info, config = evaluator.info, evaluator.preprocess_config
     gland = config.prealign == "trus_gland"
+    recentre_passes = check_passes(recentre_passes, config.prealign, model_dir)
     if method and gland:
         if method.endswith(TRUE_SUFFIX):
             raise InputError("--method", f"'{method}': this model's row is scored on the found gland; name it "
                                          f"without '{TRUE_SUFFIX}' (the true-gland row gets that suffix)")
         if not method.endswith(FOUND_SUFFIX):
             method += FOUND_SUFFIX  # told apart from its true-gland row, as the default name is
-    method = method or method_name(info)
+    method = method or _recentred_name(method_name(info), recentre_passes)
     if method in PREALIGNMENT_ROWS:
         raise InputError("--method", f"'{method}' is reserved for the pre-alignment rows")
     segmenter = _segmenter_source(model_dir, info, config, segmenter_dir)
@@ -536,9 +544,14 @@ def _evaluate(model_dir, output_dir, data_dir, cases_csv, split, fold, method, c
         if segmenter is not None or true_gland_model_row:
             true = cases.true(pair)
             rows.append(_score(pair, true, true.moving_label, None, COARSE_TRUE, chosen_fold, centroids))
-        ddf, warped, affine = evaluator.run(pre)
+        recentred = {}
+        if recentre_passes:
+            pre, ddf, affine, recentred = _recentred(evaluator, pair, config, pre, recentre_passes)
+            warped = evaluator.predictor.warp(pre.moving_label, ddf, "zero")
+        else:
+            ddf, warped, affine = evaluator.run(pre)
         model_row = _score(pair, pre, warped, ddf, method, chosen_fold, centroids,
-                           {**(found_scores if gland else {}), **affine_columns(affine, pre.grid)})
+                           {**(found_scores if gland else {}), **affine_columns(affine, pre.grid), **recentred})
         rows.append(model_row)
         if true_gland_model_row:
             true_ddf, true_warped, true_affine = evaluator.run(true)
@@ -572,13 +585,18 @@ def _evaluate(model_dir, output_dir, data_dir, cases_csv, split, fold, method, c
         note = affine_note(per_case, name)
         if note is not None:
             parts.append(note)
+    if recentre_passes:
+        parts.append(recentre_note(per_case, method, recentre_passes))
     if segmenter_summary is not None:
         parts.append(f"## TRUS gland segmenter ({segmenter})\n\n{report.to_markdown(segmenter_summary)}\n\n"
                      f"{SEGMENTER_NOTE}")
     text = "\n\n".join(parts) + "\n"
 
     def model_case(pair):
-        return cases.found(pair)[0] if gland else cases.centre(pair)
+        if not gland:
+            return cases.centre(pair)
+        found = cases.found(pair)[0]
+        return _recentred(evaluator, pair, config, found, recentre_passes)[0] if recentre_passes else found
 
     written = []
     replaced = lio.existing_files(output_dir, ("per_case.csv", "summary.md"))
@@ -593,6 +611,46 @@ def _evaluate(model_dir, output_dir, data_dir, cases_csv, split, fold, method, c
         print(f"replaced {', '.join(replaced)} of an earlier run in {output_dir}", file=sys.stderr)
     print(text, file=stream, end="")
     return EvaluationResult(per_case, summary, text, method, chosen_fold, output_dir, written, segmenter_summary)
+
+
+def _recentred_name(name, passes):
+    """``name`` with " recentred" before its " (found gland)" when ``passes`` > 0."""
+    if not passes:
+        return name
+    base = name[:-len(FOUND_SUFFIX)] if name.endswith(FOUND_SUFFIX) else name
+    return base + RECENTRED_SUFFIX + FOUND_SUFFIX
+
+
+def _recentred(evaluator, pair, config, found, passes):
+    """(pre, ddf, affine, {recentre column: value}) of ``pair`` registered from its found-gland version ``found``
+    with ``passes`` re-centring passes (:func:`label_reg.recentre.recentre`; each pass pre-processes the pair again
+    on the new anchor, not cached: the anchors are the network's own). A pass whose warped gland left the crop ends
+    the passes, with a warning. The columns: how far the anchor moved from the found centre, and how far the last
+    anchor is from the TRUS gland mask's centre of mass (compare ``segmenter_centre_error_mm``, the found centre's)."""
+    from label_reg.preprocess import gland_centre_of_mass
+
+    result = recentre(evaluator.predictor, found, lambda anchor: preprocess_pair(pair, config, anchor), passes)
+    if result.stopped:
+        print(f"warning: {pair.fixed_image}: {result.stopped}", file=sys.stderr)
+    true_centre = gland_centre_of_mass(lio.read_label(pair.fixed_label)[0], str(pair.fixed_label))
+    return result.pre, result.ddf, result.affine, {
+        "recentre_shift_mm": result.shift_mm,
+        "recentre_centre_error_mm": float(np.linalg.norm(result.anchors_mm[-1] - true_centre))}
+
+
+def recentre_note(per_case, method, passes):
+    """One line on how far the re-centring passes moved ``method``'s anchor and how far it ended from the TRUS gland
+    mask's centre, against the found centre's distance (medians and ranges over its cases)."""
+    rows = per_case.loc[per_case["method"] == method]
+
+    def spread(column):
+        values = pd.to_numeric(rows[column], errors="coerce").dropna()
+        return f"{values.median():.1f} mm ({values.min():.1f}–{values.max():.1f})" if len(values) else "–"
+
+    return (f"{method}: registered after {passes} re-centring pass(es) on the centre of the warped MR gland. "
+            f"Median (range) over {len(rows)} case(s): the anchor moved {spread('recentre_shift_mm')} from the found "
+            f"gland centre and ended {spread('recentre_centre_error_mm')} from the TRUS mask's centre, where the "
+            f"found centre was {spread('segmenter_centre_error_mm')}.")
 
 
 def _pick_cases(per_case, method):

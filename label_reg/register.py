@@ -66,6 +66,7 @@ import SimpleITK as sitk
 from label_reg import io as lio
 from label_reg import metrics
 from label_reg.errors import InputError
+from label_reg.recentre import check_passes, recentre
 
 __all__ = ["Registrar", "RegistrationResult", "Inputs", "read_inputs", "check_output_dir",
            "register_folder", "read_points_csv", "quality_check", "OUTPUT_FILES", "POINT_TOLERANCE_MM",
@@ -207,15 +208,18 @@ def read_inputs(moving_image, fixed_image, moving_label=None, moving_points=None
 # ------------------------------------------------------------------------------------------------ registrar
 class Registrar:
     """A loaded model ready to register pairs of raw NIfTI files (see the module docstring). ``min_dsc`` and
-    ``max_centre_mm``: the self-check thresholds (defaults :data:`QC_MIN_DSC`, :data:`QC_MAX_CENTRE_MM`)."""
+    ``max_centre_mm``: the self-check thresholds (defaults :data:`QC_MIN_DSC`, :data:`QC_MAX_CENTRE_MM`).
+    ``recentre_passes``: re-centring passes after the first registration (found-gland models only; 0 = none,
+    :mod:`label_reg.recentre`)."""
 
-    def __init__(self, model_dir, min_dsc=QC_MIN_DSC, max_centre_mm=QC_MAX_CENTRE_MM):
+    def __init__(self, model_dir, min_dsc=QC_MIN_DSC, max_centre_mm=QC_MAX_CENTRE_MM, recentre_passes=0):
         start = time.perf_counter()
         self.check_thresholds = {"min_dsc": float(min_dsc), "max_centre_distance_mm": float(max_centre_mm)}
         from label_reg.predictor import Predictor
         self.model_dir = pathlib.Path(model_dir)
         self.predictor = Predictor.from_model_dir(self.model_dir, batch_size=1)
         self.info, self.config = self.predictor.info, self.predictor.preprocess_config
+        self.recentre_passes = check_passes(recentre_passes, self.config.prealign, self.model_dir)
         self.moving_label_input = "moving_label" in self.predictor.input_names
         self.image_shape = self.predictor.image_shape
         self.global_affine = self.predictor.has_global_affine
@@ -282,8 +286,18 @@ class Registrar:
         timings["preprocess_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        ddf, affine = self.predict_stages(pre)
-        timings["predict_s"] = time.perf_counter() - t
+        recentred = None
+        if self.recentre_passes:
+            recentred = recentre(self.predictor, pre, lambda anchor: preprocess_images(
+                mr, mr_labels, us, None, self.config, names=names, sdm=False, fixed_centre_mm=anchor),
+                self.recentre_passes)
+            pre, ddf, affine = recentred.pre, recentred.ddf, recentred.affine
+            warnings = prealignment_warnings(mr_labels[0], pre.translation_mm, us, names["moving_label"])
+            if recentred.stopped:
+                warnings.append(f"{fixed_image}: {recentred.stopped}")
+        else:
+            ddf, affine = self.predict_stages(pre)
+        timings["predict_s"] = time.perf_counter() - t  # with re-centring: every pass, its pre-processing included
         if not np.isfinite(ddf).all() or (affine is not None and not np.isfinite(affine).all()):
             raise RuntimeError("the network predicted a non-finite DDF or affine")
         world = affine_report = None
@@ -330,6 +344,10 @@ class Registrar:
             "prealignment": {"mode": self.config.prealign,
                              "anchor_mm": [float(v) for v in pre.grid.center_world],
                              "gland_estimate": None if estimate is None else estimate.to_dict(),
+                             "recentre": None if recentred is None else {
+                                 "passes": self.recentre_passes, "passes_run": len(recentred.anchors_mm) - 1,
+                                 "anchors_mm": [[float(v) for v in a] for a in recentred.anchors_mm],
+                                 "shift_mm": recentred.shift_mm, "stopped": recentred.stopped},
                              "segmenter_dir": None if self.finder is None else
                              str(pathlib.Path(self.finder.model_dir).resolve())},
             "quality_check": check,

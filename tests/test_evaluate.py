@@ -315,6 +315,51 @@ def test_a_given_method_name_is_suffixed_on_a_gland_model_like_the_default(gland
     assert not (tmp_path / "refused").exists()
 
 
+def test_recentred_rows_are_scored_after_the_passes_and_say_how_far_the_anchor_moved(gland_model, evaluated_gland,
+                                                                                      trained_model, phantom_dir,
+                                                                                      tmp_path):
+    """recentre_passes=1: the model row is named '... recentred (found gland)' and its recentre_shift_mm is the
+    distance from the found centre to the centre of the gland the found-gland registration warped; a case the anchor
+    did not move would score as the plain row. Every other row is as without re-centring. A trus_centre model is
+    refused before anything is written."""
+    from label_reg import io as lio
+    from label_reg.errors import InputError
+    from label_reg.evaluate import Evaluator, _Cases, evaluate
+    from label_reg.preprocess import gland_centre_of_mass
+    from label_reg.recentre import warped_gland_centre_mm
+    from label_reg.segmenter import GlandFinder
+
+    default = pd.read_csv(evaluated_gland[0] / "per_case.csv")
+    evaluator = Evaluator.from_model_dir(gland_model)
+    result = evaluate(gland_model, tmp_path / "recentred", data_dir=phantom_dir, progress=False, recentre_passes=1,
+                      stream=io.StringIO(), cache_dir=tmp_path / "cache", evaluator=evaluator)
+    df = result.per_case
+    assert result.method == "MIX+ recentred (found gland)"
+    assert set(df["method"]) == {"Coarse", "Coarse (found gland)", "Coarse (true gland)", result.method}
+    rows = _by(df, result.method)
+    assert df.loc[df["method"] != result.method, "recentre_shift_mm"].isna().all()
+    for method in ("Coarse", "Coarse (found gland)", "Coarse (true gland)"):
+        np.testing.assert_allclose(_by(df, method)["tre_world_mm"], _by(default, method)["tre_world_mm"])
+    cases = _Cases(evaluator.preprocess_config, tmp_path / "cache", GlandFinder.from_model_dir(gland_model /
+                                                                                              "segmenter"))
+    pairs = {p.name: p for p in datasets.discover_pairs(phantom_dir)}
+    for case, row in rows.iterrows():
+        found = cases.found(pairs[case])[0]
+        _, warped = evaluator(found)
+        anchor = warped_gland_centre_mm(warped[..., 0], found.grid)
+        true_centre = gland_centre_of_mass(lio.read_label(pairs[case].fixed_label)[0])
+        assert row["recentre_shift_mm"] == pytest.approx(np.linalg.norm(anchor - found.grid.center_world), abs=1e-6)
+        assert row["recentre_centre_error_mm"] == pytest.approx(np.linalg.norm(anchor - true_centre), abs=1e-6)
+    assert (rows["recentre_shift_mm"] > 0.1).any()
+    changed = np.abs(rows["tre_world_mm"] - _by(default, "MIX+ (found gland)")["tre_world_mm"])
+    assert (changed > 1e-3).any()  # the row is the second registration's, not the first's
+    assert "after 1 re-centring pass(es)" in result.text and "from the TRUS mask's centre" in result.text
+    with pytest.raises(InputError, match="--recentre_passes.*trus_centre"):
+        evaluate(trained_model[0], tmp_path / "refused", data_dir=phantom_dir, progress=False,
+                 recentre_passes=1, stream=io.StringIO())
+    assert not (tmp_path / "refused").exists()
+
+
 def test_found_gland_prealignment_beats_the_volume_centre(evaluated_gland):
     """On the phantoms the TRUS gland is 4-10 mm off the TRUS volume centre: pre-aligning on the gland the
     segmenter finds brings the landmarks closer, and on the true gland centre closest (the ceiling)."""

@@ -525,6 +525,49 @@ def test_self_check_passes_on_good_pairs_and_matches_the_written_files(gland_res
         assert not check["touches_segmenter_border"]
 
 
+def test_recentring_registers_again_on_the_centre_of_the_gland_the_first_pass_warped(gland_model, gland_results,
+                                                                                    tmp_path):
+    """--recentre_passes=1: pass 1 is the plain found-gland registration (the same anchor), pass 2 is pre-aligned
+    on the centre of the MR gland pass 1 warped (read back from pass 1's written warped label, on the TRUS grid:
+    within a voxel of the crop grid's soft estimate), and every output is that second registration's."""
+    registrar = Registrar(gland_model, min_dsc=TINY_MIN_DSC, max_centre_mm=TINY_MAX_CENTRE_MM, recentre_passes=1)
+    moved = []
+    for name, (first, files) in sorted(gland_results.items()):
+        res = registrar.register(files["moving_image"], files["fixed_image"], files["moving_label"], None,
+                                 tmp_path / name)
+        report, before = (json.loads(r.files["registration"].read_text()) for r in (res, first))
+        assert before["prealignment"]["recentre"] is None
+        recentred = report["prealignment"]["recentre"]
+        assert recentred["passes"] == recentred["passes_run"] == 1 and recentred["stopped"] is None
+        anchors = np.asarray(recentred["anchors_mm"])
+        np.testing.assert_allclose(anchors[0], before["prealignment"]["anchor_mm"], atol=1e-9)
+        warped = _gland(first.files["warped_moving_label"])  # (z, y, x) on the TRUS grid
+        geo = io.Geometry.from_image(io.read_image(files["fixed_image"]))
+        warped_centre = geo.index_to_world(np.argwhere(warped)[:, ::-1].mean(axis=0))
+        assert np.linalg.norm(anchors[1] - warped_centre) < TINY.spacing_mm, name
+        np.testing.assert_allclose(report["prealignment"]["anchor_mm"], anchors[1], atol=1e-9)
+        mr_centre = gland_centre_of_mass(io.read_label(files["moving_label"])[0])
+        np.testing.assert_allclose(report["translation_mm"], mr_centre - anchors[1], atol=1e-6)
+        assert recentred["shift_mm"] == pytest.approx(np.linalg.norm(anchors[1] - anchors[0]))
+        disp, _ = io.read_displacement_field(res.files["transform_ddf"])
+        assert np.abs(disp - io.read_displacement_field(first.files["transform_ddf"])[0]).max() > 0.1
+        assert report["quality_check"] is not None
+        moved.append(recentred["shift_mm"])
+    assert max(moved) > 0.1, moved  # the tiny network moves the glands: the passes are not a no-op
+
+
+def test_recentring_a_volume_centre_model_is_a_one_line_error(untrained_dir, phantom_dir, tmp_path):
+    files = _files(phantom_dir, "phantom000")
+    parent = tmp_path / "results"
+    parent.mkdir()
+    run = _cli("--moving_image", files["moving_image"], "--fixed_image", files["fixed_image"], "--moving_label",
+               files["moving_label"], "--model", untrained_dir, "--output_dir", parent / "out", "--recentre_passes=1")
+    assert run.returncode == 2, run.stderr
+    errors = _error_lines(run.stderr)
+    assert len(errors) == 1 and "--recentre_passes" in errors[0] and "trus_centre" in errors[0], run.stderr
+    assert list(parent.iterdir()) == []
+
+
 def _eroded_mask(path, out, iterations=6):
     """The MR gland mask eroded by ``iterations`` voxels (9 mm on the phantom MR grid): a quarter of the gland."""
     from scipy import ndimage

@@ -2,7 +2,7 @@
 
     label-reg evaluate --model_dir DIR [--data_dir DIR] [--cases_csv CSV [--split val] | --fold K]
                        --output_dir OUT [--figures] [--method NAME] [--cache_dir DIR]
-                       [--segmenter_dir SEG] [--true_gland_model_row]
+                       [--segmenter_dir SEG] [--true_gland_model_row] [--recentre_passes N]
 
 By default the cases are the ones the training run held out (its fold, or the ``val`` split of its case list), from
 the data directory it trained on. Writes ``OUT/per_case.csv`` (case, method, fold, metrics; a ``Coarse`` row per
@@ -15,6 +15,8 @@ A model trained with ``--prealign=trus_gland`` is scored on the TRUS gland centr
 segmenter's gland Dice and centre error (columns ``segmenter_dsc``, ``segmenter_centre_error_mm``).
 ``--segmenter_dir`` adds the same rows and scores to a paper-pipeline (``trus_centre``) model's evaluation.
 ``--true_gland_model_row`` also scores the network on the true TRUS gland centre (e.g. ``MIX+ (true gland)``).
+``--recentre_passes=N`` scores a found-gland model after N re-centring passes, as ``label-reg register`` does with
+the same flag (row e.g. ``MIX+ recentred (found gland)``; :mod:`label_reg.recentre`).
 """
 from absl import flags
 
@@ -40,6 +42,9 @@ flags.DEFINE_string("segmenter_dir", None, "TRUS gland segmenter model directory
 flags.DEFINE_boolean("true_gland_model_row", False, "Also score the network on the TRUS gland centre of the TRUS "
                                                     "mask (row '<method> (true gland)'): the ceiling of the "
                                                     "found-gland pipeline.")
+flags.DEFINE_integer("recentre_passes", 0, "Found-gland models: score the registration after this many re-centring "
+                                        "passes (register again on the centre of the warped MR gland), as "
+                                        "`label-reg register --recentre_passes` does.", lower_bound=0)
 flags.mark_flags_as_required(["model_dir", "output_dir"])
 
 FLAGS = flags.FLAGS
@@ -52,5 +57,5 @@ def main(argv):
     evaluate(FLAGS.model_dir, FLAGS.output_dir, data_dir=FLAGS.data_dir, cases_csv=FLAGS.cases_csv, split=FLAGS.split,
              fold=FLAGS.fold, method=FLAGS.method, cache_dir=FLAGS.cache_dir, figures=FLAGS.figures,
              progress=FLAGS.progress, segmenter_dir=FLAGS.segmenter_dir,
-             true_gland_model_row=FLAGS.true_gland_model_row)
+             true_gland_model_row=FLAGS.true_gland_model_row, recentre_passes=FLAGS.recentre_passes)
     return 0

@@ -11,7 +11,9 @@ moving_points/<case>.csv), loading the model once, one subfolder of OUT per case
     label-reg register --data_dir DATA --model_dir MODEL_DIR --output_dir OUT
 
 See :mod:`label_reg.register` for the outputs. A model trained with ``--prealign=trus_gland`` runs its TRUS gland
-segmenter first and checks the result (a warning on stderr when the self-check fails; the exit status stays 0).
+segmenter first and checks the result (a warning on stderr when the self-check fails; the exit status stays 0);
+``--recentre_passes=N`` then registers it N more times, each on the centre of the gland the last pass warped
+(:mod:`label_reg.recentre`).
 ``--model`` is an alias of ``--model_dir``.
 """
 import sys
@@ -37,6 +39,9 @@ flags.DEFINE_float("check_min_dsc", QC_MIN_DSC, "Self-check of found-gland (prea
 flags.DEFINE_float("check_max_centre_mm", QC_MAX_CENTRE_MM, "Self-check: warn when the centres of mass of the "
                                                             "warped MR gland and the found TRUS gland are further "
                                                             "apart than this (mm).")
+flags.DEFINE_integer("recentre_passes", 0, "Found-gland (prealign trus_gland) models: after the registration on the "
+                                        "found gland, register again this many times, each on the centre of the "
+                                        "MR gland the last pass warped.", lower_bound=0)
 
 FLAGS = flags.FLAGS
 
@@ -54,7 +59,7 @@ def main(argv):
         if single:
             raise InputError("--data_dir", f"cannot be combined with --{', --'.join(single)}")
         check_output_dir(FLAGS.output_dir)  # writable, before the model loads
-        registrar = Registrar(FLAGS.model_dir, FLAGS.check_min_dsc, FLAGS.check_max_centre_mm)
+        registrar = Registrar(FLAGS.model_dir, FLAGS.check_min_dsc, FLAGS.check_max_centre_mm, FLAGS.recentre_passes)
         results = register_folder(FLAGS.data_dir, FLAGS.output_dir, registrar=registrar)
         failed = [r for r in results if not r["ok"]]
         done = [r["seconds"] for r in results if r["ok"]]
@@ -80,8 +85,8 @@ def main(argv):
     inputs = read_inputs(FLAGS.moving_image, FLAGS.fixed_image, FLAGS.moving_label, FLAGS.moving_points,
                          mixplus=takes_moving_label(FLAGS.model_dir))
     check_output_dir(output_dir, inputs)  # room for these outputs, before the model loads
-    result = Registrar(FLAGS.model_dir, FLAGS.check_min_dsc, FLAGS.check_max_centre_mm).register_inputs(inputs,
-                                                                                                     output_dir)
+    registrar = Registrar(FLAGS.model_dir, FLAGS.check_min_dsc, FLAGS.check_max_centre_mm, FLAGS.recentre_passes)
+    result = registrar.register_inputs(inputs, output_dir)
     for warning in result.warnings:
         print(f"label-reg register: warning: {warning}", file=sys.stderr)
     if result.replaced:
