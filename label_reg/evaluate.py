@@ -38,6 +38,12 @@ For a model with the global affine stage (``build.global_affine``) its rows also
 crop centre), ``affine_scale_min`` / ``affine_scale_max`` (its smallest and largest singular values), and the summary
 gives their median and range; NaN on the other rows.
 
+With ``recentre_passes`` N > 0 (a ``trus_gland`` model) the model row is the registration after N re-centring passes
+(:mod:`label_reg.recentre`, as ``register --recentre_passes`` runs it), named e.g. ``MIX+ recentred (found gland)``,
+with ``recentre_shift_mm`` (how far the passes moved the anchor from the found centre) and
+``recentre_centre_error_mm`` (how far the last anchor is from the TRUS mask's gland centre; the found centre's is
+``segmenter_centre_error_mm``), and a line under the table with their medians; NaN on the other rows.
+
 TensorFlow is imported only when a model is evaluated, so the table helpers here are cheap to import.
 """
 from __future__ import annotations
@@ -484,8 +490,9 @@ def evaluate(model_dir, output_dir, data_dir=None, cases_csv=None, split="val", 
     ``finder`` reuses a loaded :class:`label_reg.segmenter.GlandFinder` of that segmenter.
     ``recentre_passes`` N > 0 (found-gland models only): the model row is the registration after N re-centring
     passes (:mod:`label_reg.recentre`), as ``label-reg register --recentre_passes=N`` does it; its default name gets
-    " recentred" before " (found gland)", and its ``recentre_shift_mm`` column says how far the anchor moved from the
-    found centre (NaN on the other rows). The true-gland row is never re-centred.
+    " recentred" before " (found gland)"; its ``recentre_shift_mm`` column says how far the anchor moved from the
+    found centre and ``recentre_centre_error_mm`` how far the last anchor is from the TRUS mask's gland centre (NaN
+    on the other rows). The true-gland row is never re-centred.
 
     The output folder is checked writable before the model loads; every case's inputs are read and checked before
     any case is scored; a run that fails leaves no output folder or cache it created behind."""
