@@ -7,8 +7,8 @@ warped MR gland (label channel 0 warped by the DDF, on the crop grid, in TRUS sp
 gland, so its centre of mass is a second estimate of the TRUS gland centre. A **re-centring pass** pre-processes the
 pair again with that estimate as the anchor (crop and MR gland centre on it) and registers it again. With ``passes``
 N, the registration is the one of pass N + 1, on the anchor pass N found; ``passes`` 0 is the found-gland pipeline
-as trained. On demo fold 1 the estimate was no closer to the true centre than the segmenter's and one pass did not
-lower the TRE (README, "Re-centring on the network's own gland estimate"), so callers default to 0.
+as trained. On demo folds 1 and 0 the estimate was no closer to the true centre than the segmenter's and one pass
+did not lower the TRE (README, "Re-centring on the network's own gland estimate"), so callers default to 0.
 
 :func:`recentre` runs the loop for any caller that can pre-process the pair on a given anchor (``label-reg evaluate``
 and ``label-reg register``); :func:`warped_gland_centre_mm` is the estimate.
