@@ -552,9 +552,12 @@ def _evaluate(model_dir, output_dir, data_dir, cases_csv, split, fold, method, c
             true = cases.true(pair)
             rows.append(_score(pair, true, true.moving_label, None, COARSE_TRUE, chosen_fold, centroids))
         recentred = {}
-        if recentre_passes:
-            pre, ddf, affine, recentred = _recentred(evaluator, pair, config, pre, recentre_passes)
+        if recentre_passes:  # a trus_gland model: its segmenter gave `true`, the pair on the TRUS mask's centre
+            passes = _recentred(evaluator, pair, config, pre, recentre_passes)
+            pre, ddf, affine = passes.pre, passes.ddf, passes.affine
             warped = evaluator.predictor.warp(pre.moving_label, ddf, "zero")
+            recentred = {"recentre_shift_mm": passes.shift_mm, "recentre_centre_error_mm": float(
+                np.linalg.norm(passes.anchors_mm[-1] - true.grid.center_world))}
         else:
             ddf, warped, affine = evaluator.run(pre)
         model_row = _score(pair, pre, warped, ddf, method, chosen_fold, centroids,
@@ -603,7 +606,7 @@ def _evaluate(model_dir, output_dir, data_dir, cases_csv, split, fold, method, c
         if not gland:
             return cases.centre(pair)
         found = cases.found(pair)[0]
-        return _recentred(evaluator, pair, config, found, recentre_passes)[0] if recentre_passes else found
+        return _recentred(evaluator, pair, config, found, recentre_passes).pre if recentre_passes else found
 
     written = []
     replaced = lio.existing_files(output_dir, ("per_case.csv", "summary.md"))
@@ -629,20 +632,14 @@ def _recentred_name(name, passes):
 
 
 def _recentred(evaluator, pair, config, found, passes):
-    """(pre, ddf, affine, {recentre column: value}) of ``pair`` registered from its found-gland version ``found``
-    with ``passes`` re-centring passes (:func:`label_reg.recentre.recentre`; each pass pre-processes the pair again
-    on the new anchor, not cached: the anchors are the network's own). A pass whose warped gland left the crop ends
-    the passes, with a warning. The columns: how far the anchor moved from the found centre, and how far the last
-    anchor is from the TRUS gland mask's centre of mass (compare ``segmenter_centre_error_mm``, the found centre's)."""
-    from label_reg.preprocess import gland_centre_of_mass
-
+    """The :class:`label_reg.recentre.Recentred` of ``pair`` registered from its found-gland version ``found`` with
+    ``passes`` re-centring passes (:func:`label_reg.recentre.recentre`; each pass pre-processes the pair again on the
+    new anchor, not cached: the anchors are the network's own). A pass whose warped gland left the crop ends the
+    passes, with a warning."""
     result = recentre(evaluator.predictor, found, lambda anchor: preprocess_pair(pair, config, anchor), passes)
     if result.stopped:
         print(f"warning: {pair.fixed_image}: {result.stopped}", file=sys.stderr)
-    true_centre = gland_centre_of_mass(lio.read_label(pair.fixed_label)[0], str(pair.fixed_label))
-    return result.pre, result.ddf, result.affine, {
-        "recentre_shift_mm": result.shift_mm,
-        "recentre_centre_error_mm": float(np.linalg.norm(result.anchors_mm[-1] - true_centre))}
+    return result
 
 
 def recentre_note(per_case, method, passes):
