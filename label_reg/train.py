@@ -6,7 +6,9 @@
   MSLE (``beta``) and bending energy (``1 - alpha - beta``; ``bending_voxels`` picks its discretisation). With
   ``landmark_weight > 0`` (landmark supervision, Hu et al. 2018; 0 is the paper) the landmark channels of both
   label files, paired by index, are warped too and :func:`label_reg.losses.landmark_dice` adds ``landmark_weight``
-  times their multiscale Dice loss. With ``label_loss_in_view`` the gland Dice and SDM terms see only the voxels
+  times their multiscale Dice loss; with ``landmark_centroid_weight > 0``
+  :func:`label_reg.losses.landmark_centroid_distance` adds that weight times the mean distance in mm between the
+  paired landmarks' centroids (the TRE itself). With ``label_loss_in_view`` the gland Dice and SDM terms see only the voxels
   where the TRUS image says anything (:func:`label_reg.losses.fixed_view_mask`). With ``global_affine`` and
   ``affine_label_weight > 0`` the same label losses are scored again on the affine stage's field alone
   (:func:`affine_label_loss`) and added with that weight, so the stage has to do the global alignment itself.
@@ -58,6 +60,10 @@ class TrainConfig(RunConfig):
     landmark_weight: float = option(0.0, "Weight of the landmark loss: the landmark label channels (1..) of both "
                                          "label files, paired by index, as an extra multiscale Dice term "
                                          "(0 = the paper: gland masks only).")
+    landmark_centroid_weight: float = option(0.0, "Weight of the landmark centroid loss: the mean distance in mm "
+                                                  "between the centroids of the paired landmark channels (the "
+                                                  "TRE itself, differentiable), beside or instead of the landmark "
+                                                  "Dice of --landmark_weight (0 = off).")
     landmark_terms: str = option("pairs", "Landmark loss: pairs (mean of each landmark pair's multiscale Dice) or "
                                           "one (one multiscale Dice over all landmark channels together).")
     bending_voxels: str = option("interior", "Bending energy's discretisation: interior (label-reg / NiftyNet: wide "
@@ -84,6 +90,8 @@ class TrainConfig(RunConfig):
         from label_reg.preprocess import PREALIGN_MODES
         if not float(self.landmark_weight) >= 0:
             raise InputError("--landmark_weight", f"must be >= 0, got {self.landmark_weight!r}")
+        if not float(self.landmark_centroid_weight) >= 0:
+            raise InputError("--landmark_centroid_weight", f"must be >= 0, got {self.landmark_centroid_weight!r}")
         if self.landmark_terms not in LANDMARK_TERMS:
             raise InputError("--landmark_terms", f"must be one of {', '.join(LANDMARK_TERMS)}, "
                                                  f"got {self.landmark_terms!r}")
@@ -142,19 +150,36 @@ def _label_views(batch, ddf, config):
     return fixed_label, scored_label, warped_sdm, warped_label
 
 
-def _landmark_loss(batch, ddf, config):
-    """:func:`label_reg.losses.landmark_dice` (B,) of the batch's landmark channels under ``ddf``; a pair counts when
-    both its channels are non-empty."""
+def uses_landmarks(config):
+    """Whether training scores the landmark channels (``landmark_weight`` or ``landmark_centroid_weight`` > 0)."""
+    return float(config.landmark_weight) > 0 or float(config.landmark_centroid_weight) > 0
+
+
+def _landmark_losses(batch, ddf, config):
+    """The landmark terms of the batch under ``ddf``, per sample (B,): ``landmark_dice``
+    (:func:`label_reg.losses.landmark_dice`) with ``landmark_weight > 0``, ``landmark_centroid_mm``
+    (:func:`label_reg.losses.landmark_centroid_distance`) with ``landmark_centroid_weight > 0``, and ``weighted``,
+    their weighted sum. The moving landmarks are warped once (zero boundary); a pair counts when both its channels
+    are non-empty."""
     from label_reg.layers import warp
-    from label_reg.losses import landmark_dice
+    from label_reg.losses import landmark_centroid_distance, landmark_dice
     moving, fixed = batch["moving_landmarks"], batch["fixed_landmarks"]
     present = tf.logical_and(tf.reduce_sum(moving, axis=[1, 2, 3]) > 0, tf.reduce_sum(fixed, axis=[1, 2, 3]) > 0)
-    return landmark_dice(fixed, warp(moving, ddf, "zero"), present, config.landmark_terms)
+    warped = warp(moving, ddf, "zero")
+    terms, weighted = {}, tf.zeros(tf.shape(ddf)[:1], ddf.dtype)
+    if config.landmark_weight > 0:
+        terms["landmark_dice"] = landmark_dice(fixed, warped, present, config.landmark_terms)
+        weighted += float(config.landmark_weight) * terms["landmark_dice"]
+    if config.landmark_centroid_weight > 0:
+        terms["landmark_centroid_mm"] = landmark_centroid_distance(fixed, warped, present, float(config.spacing_mm))
+        weighted += float(config.landmark_centroid_weight) * terms["landmark_centroid_mm"]
+    terms["weighted"] = weighted
+    return terms
 
 
 def affine_label_loss(batch, theta, spatial_shape, config):
     """The label part of the training loss scored on the global affine stage's field alone (no bending: an affine
-    field has none), per sample (B,): ``alpha`` mDSC + ``beta`` SDM MSLE + ``landmark_weight`` landmark Dice, under
+    field has none), per sample (B,): ``alpha`` mDSC + ``beta`` SDM MSLE + the weighted landmark terms, under
     the DDF of the affine head's parameters theta (B, 12) (:func:`label_reg.layers.affine_ddf` on the static
     ``spatial_shape`` (X, Y, Z)). When the affine alone aligns the labels it scores what an aligned pair scores
     (not 0: the smoothed Dice of identical masks is below 1)."""
@@ -168,15 +193,15 @@ def affine_label_loss(batch, theta, spatial_shape, config):
         loss += alpha * multiscale_dice(fixed_label, scored_label)
     if beta > 0:
         loss += beta * sdm_msle(batch["fixed_sdm"], warped_sdm)
-    if config.landmark_weight > 0:
-        loss += float(config.landmark_weight) * _landmark_loss(batch, ddf, config)
+    if uses_landmarks(config):
+        loss += _landmark_losses(batch, ddf, config)["weighted"]
     return loss
 
 
 def loss_terms(batch, output, config):
     """The training loss of a batch dict and the network's output: per-sample (B,) terms of
     :func:`label_reg.losses.registration_loss` (``total`` and each weighted term; with ``landmark_weight > 0`` also
-    ``landmark_dice``, from the batch's ``moving_landmarks`` / ``fixed_landmarks`` (B, X, Y, Z, L), a pair counting
+    ``landmark_dice``, with ``landmark_centroid_weight > 0`` ``landmark_centroid_mm``, both from the batch's ``moving_landmarks`` / ``fixed_landmarks`` (B, X, Y, Z, L), a pair counting
     when both its channels are non-empty), plus ``dsc``, the hard gland Dice of the warped moving mask (>= 0.5), for
     monitoring only.
 
@@ -188,9 +213,10 @@ def loss_terms(batch, output, config):
     fixed_label, scored_label, warped_sdm, warped_label = _label_views(batch, ddf, config)
     terms = registration_loss(config.alpha, config.beta, fixed_label, scored_label, batch["fixed_sdm"],
                               warped_sdm, ddf, bending_voxels=config.bending_voxels)
-    if config.landmark_weight > 0:
-        terms["landmark_dice"] = _landmark_loss(batch, ddf, config)
-        terms["total"] = terms["total"] + float(config.landmark_weight) * terms["landmark_dice"]
+    if uses_landmarks(config):
+        landmarks = _landmark_losses(batch, ddf, config)
+        terms["total"] = terms["total"] + landmarks.pop("weighted")
+        terms.update(landmarks)
     if config.affine_label_weight > 0:
         if theta is None:
             raise ValueError("affine_label_weight > 0 needs the output dict {'ddf', 'affine_theta'} "
@@ -257,16 +283,19 @@ REGISTRATION = Task(
 
 def registration_task(config, train_cases=(), val_cases=()):
     """:data:`REGISTRATION` as ``config`` asks for it: the landmark volumes in the batches with
-    ``landmark_weight > 0``, the affine head's parameters in the training output with ``affine_label_weight > 0``,
+    ``landmark_weight`` or ``landmark_centroid_weight`` > 0, the affine head's parameters in the training output with ``affine_label_weight > 0``,
     and the model kept by ``select_by``. Refuses (``InputError``) landmark training
     without landmark pairs in ``train_cases`` and TRE selection without them in ``val_cases``."""
     from label_reg.errors import InputError
     task = REGISTRATION
-    if config.landmark_weight > 0:
+    if uses_landmarks(config):
+        flag = "--landmark_weight" if config.landmark_weight > 0 else "--landmark_centroid_weight"
         if train_cases and not any(landmark_count(c) for c in train_cases):
-            raise InputError(config.data_dir, "--landmark_weight > 0 but no training pair has landmarks (label "
+            raise InputError(config.data_dir, f"{flag} > 0 but no training pair has landmarks (label "
                                               "channels beyond the gland in both label files)")
-        task = dataclasses.replace(task, keys=TRAINING_KEYS + LANDMARK_KEYS, shown=("dsc", "landmark_dice"))
+        shown = ("dsc",) + (("landmark_dice",) if config.landmark_weight > 0 else ()) + (
+            ("landmark_centroid_mm",) if config.landmark_centroid_weight > 0 else ())
+        task = dataclasses.replace(task, keys=TRAINING_KEYS + LANDMARK_KEYS, shown=shown)
     if config.affine_label_weight > 0:
         from label_reg.network import affine_parameters_model
         task = dataclasses.replace(task, forward=lambda model, _config: affine_parameters_model(model),

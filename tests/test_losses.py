@@ -216,3 +216,51 @@ def test_landmark_dice_falls_as_the_landmarks_come_together_and_checks_its_input
         losses.landmark_dice(fixed, fixed, [[1, 1]], terms="each")
     with pytest.raises(ValueError, match=r"\(B, D0, D1, D2, L\)"):
         losses.landmark_dice(fixed[0], fixed[0], [[1, 1]])
+
+
+def test_landmark_centroid_distance_is_the_centroid_distance_in_mm_over_present_pairs():
+    fixed = _landmarks([(6, 6, 6), (16, 16, 16), (6, 16, 6)])
+    same = losses.landmark_centroid_distance(fixed, fixed, [[1, 1, 1]], 2.0).numpy()
+    assert same.shape == (1,) and abs(same[0]) < 1e-6
+    # Landmark 1 moved 3 voxels along y, landmark 2 by (2, 0, 1) voxels; anisotropic spacing (1, 2, 3) mm.
+    warped = fixed.copy()
+    warped[..., 1] = np.roll(fixed[..., 1], 3, axis=2)
+    warped[..., 2] = np.roll(np.roll(fixed[..., 2], 2, axis=1), 1, axis=3)
+    spacing = (1.0, 2.0, 3.0)
+    expected = [0.0, 6.0, np.hypot(2.0, 3.0)]
+    smooth = lambda d: np.sqrt(d ** 2 + 0.1 ** 2) - 0.1  # noqa: E731
+    value = losses.landmark_centroid_distance(fixed, warped, [[1, 1, 1]], spacing).numpy()[0]
+    np.testing.assert_allclose(value, np.mean([smooth(d) for d in expected]), rtol=1e-5)
+    # Absent pairs do not count, whatever their masks hold.
+    value = losses.landmark_centroid_distance(fixed, warped, [[1, 1, 0]], spacing).numpy()[0]
+    np.testing.assert_allclose(value, np.mean([smooth(d) for d in expected[:2]]), rtol=1e-5)
+    # Partial volumes weigh the centroid: half a voxel's mass at a distance moves it by that mass's share.
+    soft = fixed[..., :1].copy()
+    soft[0, 6, 6, 9, 0] = 0.5  # one voxel 3 past the sphere's centre along z, half weight
+    shift = 0.5 * 3.0 / (fixed[..., 0].sum() + 0.5)
+    np.testing.assert_allclose(losses.landmark_centroid_distance(fixed[..., :1], soft, [[1]], 1.0, smooth_mm=0.0),
+                               [shift], rtol=1e-4)
+
+
+def test_landmark_centroid_distance_gradient_pulls_the_landmark_back_and_skips_lost_pairs():
+    fixed = _landmarks([(12, 12, 12), (6, 6, 6)])
+    moving = np.concatenate([np.roll(fixed[..., :1], 2, axis=1), fixed[..., 1:]], -1)  # landmark 0: 2 voxels +x
+    # Landmark 1 absent from the moving side of the second sample: that sample has one pair; a sample with the
+    # warped landmark pushed out of the grid (empty after warping) scores 0 with a zero gradient.
+    moving = np.concatenate([moving, moving])
+    fixed2 = np.concatenate([fixed, fixed])
+    moving[1, ..., 0] = 0.0
+    ddf = tf.Variable(np.zeros((2,) + SHAPE + (3,), np.float32))
+    present = [[1, 1], [0, 1]]
+    with tf.GradientTape() as tape:
+        loss = losses.landmark_centroid_distance(fixed2, warp(moving, ddf, "zero"), present, 1.5)
+    grad = tape.gradient(loss, ddf).numpy()
+    np.testing.assert_allclose(loss.numpy()[0], (np.sqrt(3.0 ** 2 + 0.01) - 0.1) / 2, rtol=1e-4)
+    assert abs(loss.numpy()[1]) < 1e-6 and np.isfinite(grad).all()
+    # Sample 0: the warp samples the moving mask at x + u, so moving the landmark back (towards -x) needs u_x > 0:
+    # the loss falls along +u_x where the landmark is.
+    assert grad[0, 12:16, 10:15, 10:15, 0].sum() < 0
+    lost = losses.landmark_centroid_distance(fixed[..., :1], np.zeros_like(fixed[..., :1]), [[1]], 1.0).numpy()
+    assert lost[0] == 0.0
+    with pytest.raises(ValueError, match=r"\(B, D0, D1, D2, L\)"):
+        losses.landmark_centroid_distance(fixed[0], fixed[0], [[1, 1]], 1.0)

@@ -403,3 +403,40 @@ def test_label_loss_in_view_ignores_the_gland_beyond_the_trus_volume(tiny_train_
     plain = loss_terms(batch(gland), ddf, tiny_train_config)
     assert float(plain["multiscale_dice"][0]) > float(whole["multiscale_dice"][0]) + 1e-3
     assert float(plain["sdm_msle"][0]) > float(whole["sdm_msle"][0])
+
+
+def test_landmark_centroid_weight_adds_the_centroid_distance_to_the_training_loss(tiny_train_config):
+    """--landmark_centroid_weight: the batch's landmark centroid distance in mm, weighted, joins the total beside
+    the landmark Dice; the task loads the landmark volumes and shows the term; the model is named a landmark one."""
+    import dataclasses
+
+    from label_reg.errors import InputError
+    from label_reg.evaluate import method_name
+    from label_reg.losses import landmark_centroid_distance
+    from label_reg.train import TrainConfig, loss_terms, registration_task
+    shape = (1,) + tuple(tiny_train_config.shape)
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape[1:]], indexing="ij"), -1)
+    gland = (np.linalg.norm(grid - 16, axis=-1) <= 8).astype(np.float32)[None, ..., None]
+    landmark = (np.linalg.norm(grid - [14, 16, 16], axis=-1) <= 2).astype(np.float32)[None, ..., None]
+    batch = {"moving_label": gland, "fixed_label": gland, "moving_sdm": gland, "fixed_sdm": gland,
+             "fixed_landmarks": landmark, "moving_landmarks": np.roll(landmark, 2, axis=1)}
+    ddf = np.zeros(shape + (3,), np.float32)
+    base = dataclasses.replace(tiny_train_config, landmark_weight=0.3)
+    both = dataclasses.replace(base, landmark_centroid_weight=0.05)
+    plain, with_centroid = loss_terms(batch, ddf, base), loss_terms(batch, ddf, both)
+    assert "landmark_centroid_mm" not in plain
+    distance = float(with_centroid["landmark_centroid_mm"][0])
+    expected = float(landmark_centroid_distance(batch["fixed_landmarks"], batch["moving_landmarks"], [[1]],
+                                                tiny_train_config.spacing_mm)[0])
+    assert distance == pytest.approx(expected, rel=1e-5) and distance == pytest.approx(
+        2 * tiny_train_config.spacing_mm, abs=0.1)
+    assert float(with_centroid["total"][0]) == pytest.approx(float(plain["total"][0]) + 0.05 * distance, rel=1e-5)
+    # The centroid term alone (no landmark Dice) still makes a landmark-supervised task and model name.
+    alone = dataclasses.replace(tiny_train_config, landmark_centroid_weight=0.05)
+    assert "landmark_dice" not in loss_terms(batch, ddf, alone)
+    task = registration_task(alone)
+    assert set(data_lib.LANDMARK_KEYS) <= set(task.keys) and task.shown == ("dsc", "landmark_centroid_mm")
+    info = {"alpha": 0.05, "beta": 0.45, "build": {"moving_label_input": True}, "training": alone.to_json()}
+    assert method_name(info) == "MIX+ landmarks"
+    with pytest.raises(InputError, match="--landmark_centroid_weight"):
+        TrainConfig(data_dir="", model_dir="", landmark_centroid_weight=-0.1)
