@@ -102,14 +102,15 @@ def method_name(info) -> str:
     Anything else (e.g. bending energy alone) gets a descriptive name. A model pre-aligned on the found TRUS gland
     (``preprocess.prealign == "trus_gland"``) gets " (found gland)" appended (``MIX+ (found gland)``), so it is told
     apart from the paper pipeline's ``MIX+`` in ``compare``; one trained with landmark supervision
-    (``training.landmark_weight`` or ``training.landmark_centroid_weight`` > 0) gets " landmarks" after the loss name (``MIX+ landmarks (found gland)``), and
-    one with the global affine stage (``build.global_affine``) " affine" (``MIX+ affine landmarks``), or
-    " supervised affine" when the stage was also trained alone (``training.affine_label_weight > 0``)."""
+    (``training.landmark_weight`` or ``training.landmark_centroid_weight`` > 0) gets " landmarks" after the loss
+    name (``MIX+ landmarks (found gland)``), and one with the global affine stage (``build.global_affine``)
+    " affine" (``MIX+ affine landmarks``), or " supervised affine" when the stage was also trained alone
+    (``training.affine_label_weight > 0``)."""
     name = _loss_name(info)
-    if bool((info.get("build") or {}).get("global_affine", False)):
-        supervised = float((info.get("training") or {}).get("affine_label_weight", 0) or 0) > 0
-        name += SUPERVISED_AFFINE_SUFFIX if supervised else AFFINE_SUFFIX
     training = info.get("training") or {}
+    if bool((info.get("build") or {}).get("global_affine", False)):
+        supervised = float(training.get("affine_label_weight", 0) or 0) > 0
+        name += SUPERVISED_AFFINE_SUFFIX if supervised else AFFINE_SUFFIX
     if any(float(training.get(key, 0) or 0) > 0 for key in ("landmark_weight", "landmark_centroid_weight")):
         name += LANDMARK_SUFFIX
     prealign = (info.get("preprocess") or {}).get("prealign", "trus_centre")

@@ -8,8 +8,8 @@
   label files, paired by index, are warped too and :func:`label_reg.losses.landmark_dice` adds ``landmark_weight``
   times their multiscale Dice loss; with ``landmark_centroid_weight > 0``
   :func:`label_reg.losses.landmark_centroid_distance` adds that weight times the mean distance in mm between the
-  paired landmarks' centroids (the TRE itself). With ``label_loss_in_view`` the gland Dice and SDM terms see only the voxels
-  where the TRUS image says anything (:func:`label_reg.losses.fixed_view_mask`). With ``global_affine`` and
+  paired landmarks' centroids (the TRE itself). With ``label_loss_in_view`` the gland Dice and SDM terms see only
+  the voxels where the TRUS image says anything (:func:`label_reg.losses.fixed_view_mask`). With ``global_affine`` and
   ``affine_label_weight > 0`` the same label losses are scored again on the affine stage's field alone
   (:func:`affine_label_loss`) and added with that weight, so the stage has to do the global alignment itself.
 * Validation (:func:`validate`) every ``validate_every`` steps on the held-out cases: median gland DSC and median
@@ -201,8 +201,9 @@ def affine_label_loss(batch, theta, spatial_shape, config):
 def loss_terms(batch, output, config):
     """The training loss of a batch dict and the network's output: per-sample (B,) terms of
     :func:`label_reg.losses.registration_loss` (``total`` and each weighted term; with ``landmark_weight > 0`` also
-    ``landmark_dice``, with ``landmark_centroid_weight > 0`` ``landmark_centroid_mm``, both from the batch's ``moving_landmarks`` / ``fixed_landmarks`` (B, X, Y, Z, L), a pair counting
-    when both its channels are non-empty), plus ``dsc``, the hard gland Dice of the warped moving mask (>= 0.5), for
+    ``landmark_dice``, with ``landmark_centroid_weight > 0`` ``landmark_centroid_mm``, both from the batch's
+    ``moving_landmarks`` / ``fixed_landmarks`` (B, X, Y, Z, L), a pair counting when both its channels are
+    non-empty), plus ``dsc``, the hard gland Dice of the warped moving mask (>= 0.5), for
     monitoring only.
 
     output: the DDF (B, X, Y, Z, 3), or with ``affine_label_weight > 0`` the dict ``{"ddf", "affine_theta" (B, 12)}``
@@ -283,8 +284,8 @@ REGISTRATION = Task(
 
 def registration_task(config, train_cases=(), val_cases=()):
     """:data:`REGISTRATION` as ``config`` asks for it: the landmark volumes in the batches with
-    ``landmark_weight`` or ``landmark_centroid_weight`` > 0, the affine head's parameters in the training output with ``affine_label_weight > 0``,
-    and the model kept by ``select_by``. Refuses (``InputError``) landmark training
+    ``landmark_weight`` or ``landmark_centroid_weight`` > 0, the affine head's parameters in the training output
+    with ``affine_label_weight > 0``, and the model kept by ``select_by``. Refuses (``InputError``) landmark training
     without landmark pairs in ``train_cases`` and TRE selection without them in ``val_cases``."""
     from label_reg.errors import InputError
     task = REGISTRATION
