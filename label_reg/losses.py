@@ -224,8 +224,8 @@ def landmark_centroid_distance(fixed, warped, present, spacing_mm, smooth_mm=0.1
     distance between two masks on the same grid needs (as :func:`label_reg.metrics.tre_mm`). Each centroid is the
     mask-weighted mean voxel position, so a warped (partial-volume) mask moves it smoothly. A pair's term is
     sqrt(d^2 + smooth_mm^2) - smooth_mm: d itself beyond a few ``smooth_mm``, 0 for coinciding centroids, with a
-    gradient that stays finite there. A pair counts when it is present and its warped mask holds at least half a
-    voxel (a landmark pushed out of the grid has no centroid); a sample without such a pair scores 0 with no
+    gradient that stays finite there (``smooth_mm=0`` gives d itself, whose gradient is undefined at 0). A pair counts when it is present and both its masks hold at least half a
+    voxel (a landmark warped out of the grid has no centroid); a sample without such a pair scores 0 with no
     gradient. This is the landmark TRE (the evaluation's, which thresholds at 0.5) made differentiable.
     """
     fixed, warped = tf.convert_to_tensor(fixed), tf.convert_to_tensor(warped)

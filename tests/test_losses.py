@@ -245,8 +245,7 @@ def test_landmark_centroid_distance_is_the_centroid_distance_in_mm_over_present_
 def test_landmark_centroid_distance_gradient_pulls_the_landmark_back_and_skips_lost_pairs():
     fixed = _landmarks([(12, 12, 12), (6, 6, 6)])
     moving = np.concatenate([np.roll(fixed[..., :1], 2, axis=1), fixed[..., 1:]], -1)  # landmark 0: 2 voxels +x
-    # Landmark 1 absent from the moving side of the second sample: that sample has one pair; a sample with the
-    # warped landmark pushed out of the grid (empty after warping) scores 0 with a zero gradient.
+    # Sample 1: landmark 0 is missing on its moving side (marked absent) and landmark 1 coincides: it scores 0.
     moving = np.concatenate([moving, moving])
     fixed2 = np.concatenate([fixed, fixed])
     moving[1, ..., 0] = 0.0
@@ -260,7 +259,11 @@ def test_landmark_centroid_distance_gradient_pulls_the_landmark_back_and_skips_l
     # Sample 0: the warp samples the moving mask at x + u, so moving the landmark back (towards -x) needs u_x > 0:
     # the loss falls along +u_x where the landmark is.
     assert grad[0, 12:16, 10:15, 10:15, 0].sum() < 0
-    lost = losses.landmark_centroid_distance(fixed[..., :1], np.zeros_like(fixed[..., :1]), [[1]], 1.0).numpy()
-    assert lost[0] == 0.0
+    # A present pair whose warped landmark is empty (warped out of the grid) does not count: 0, zero gradient.
+    with tf.GradientTape() as tape:
+        lost = losses.landmark_centroid_distance(fixed[..., :1], warp(np.zeros_like(fixed[..., :1]), ddf[:1], "zero"),
+                                                 [[1]], 1.0)
+    grad = tape.gradient(lost, ddf).numpy()
+    assert lost.numpy()[0] == 0.0 and np.isfinite(grad).all() and np.abs(grad).max() == 0
     with pytest.raises(ValueError, match=r"\(B, D0, D1, D2, L\)"):
         losses.landmark_centroid_distance(fixed[0], fixed[0], [[1, 1]], 1.0)
